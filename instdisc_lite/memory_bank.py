@@ -1,0 +1,97 @@
+"""The memory bank V: one unit-norm feature per training image (paper Sec. 3.1).
+
+The bank is *not* a parameter. Objectives read it; the trainer writes it with an explicit
+:meth:`MemoryBank.update` after each optimiser step, so the update is a visible step of the loop,
+never a side effect hidden in a custom backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed
+
+
+class MemoryBank(nn.Module):
+    """An ``(num_items, dim)`` buffer of L2-normalised rows, random-unit initialised.
+
+    Args:
+        num_items: n, the number of training images (one row each).
+        dim: d, the feature dimension (128 in the paper).
+        momentum: m in ``v_i <- normalise(m * v_i + (1 - m) * f_i)``; 0.5 in the official code.
+            ``momentum=0`` replaces rows with the newest features.
+        generator: optional RNG for the random initialisation (reproducible banks).
+
+    The bank is a registered buffer: it moves with ``.to(device)`` and is saved in ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        dim: int,
+        momentum: float = 0.5,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if num_items <= 0 or dim <= 0:
+            raise ValueError(f"MemoryBank needs num_items > 0 and dim > 0, got {num_items} x {dim}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"bank momentum must be in [0, 1), got {momentum}")
+        self.num_items = num_items
+        self.dim = dim
+        self.momentum = momentum
+        init = torch.randn(num_items, dim, generator=generator)
+        self.register_buffer("memory", F.normalize(init, dim=1))
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __getitem__(self, idx: torch.Tensor | int | slice) -> torch.Tensor:
+        return self.memory[idx]
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` of the bank, shape ``idx.shape + (dim,)``; no gradient flows into the bank."""
+        return self.memory[idx].detach()
+
+    @torch.no_grad()
+    def update(self, idx: torch.Tensor, features: torch.Tensor) -> None:
+        """Momentum update ``v_i <- normalise(m * v_i + (1 - m) * f_i)`` for the rows ``idx``.
+
+        Args:
+            idx: ``(B,)`` long tensor of dataset indices.
+            features: ``(B, dim)`` current features of those images (detached here).
+
+        When an index repeats within a batch (two crops of one image, or a sampler with
+        replacement) the repeated features are averaged first and the row is updated once, so the
+        result does not depend on the order of the batch.
+
+        In a distributed run, indices and features of all ranks are gathered first, so every
+        replica of the bank applies the same update.
+        """
+        idx = distributed.all_gather_cat(idx.to(self.memory.device))
+        features = distributed.all_gather_cat(features.detach().to(self.memory))
+        if features.shape != (idx.shape[0], self.dim):
+            raise ValueError(
+                f"bank.update expects features of shape ({idx.shape[0]}, {self.dim}), got {tuple(features.shape)}"
+            )
+        unique, inverse = torch.unique(idx, return_inverse=True)
+        if unique.numel() != idx.numel():  # average repeated indices before the update
+            summed = torch.zeros(unique.numel(), self.dim, dtype=features.dtype, device=features.device)
+            summed.index_add_(0, inverse, features)
+            counts = torch.bincount(inverse, minlength=unique.numel()).to(features.dtype)
+            features = summed / counts[:, None]
+            idx = unique
+        mixed = self.memory[idx] * self.momentum + features * (1.0 - self.momentum)
+        self.memory[idx] = F.normalize(mixed, dim=1)
+
+    @torch.no_grad()
+    def fill(self, features: torch.Tensor) -> None:
+        """Overwrite the whole bank with ``(num_items, dim)`` features (normalised)."""
+        if features.shape != self.memory.shape:
+            raise ValueError(f"fill expects shape {tuple(self.memory.shape)}, got {tuple(features.shape)}")
+        self.memory.copy_(F.normalize(features.to(self.memory), dim=1))
+
+    def extra_repr(self) -> str:
+        return f"num_items={self.num_items}, dim={self.dim}, momentum={self.momentum}"

@@ -1,0 +1,90 @@
+"""Encoders f_theta: image -> L2-normalised ``low_dim`` feature (the paper uses 128-d).
+
+* ``resnet18_cifar``: ResNet18 with a 3x3 stride-1 stem and no max-pool, the paper's CIFAR network.
+* ``resnet18`` / ``resnet50``: torchvision ResNets with the final fc replaced by ``fc -> low_dim``.
+* ``small_cnn``: a four-layer CNN for 28x28 / 32x32 images that trains in minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+
+class Encoder(nn.Module):
+    """Wraps a backbone ending in ``low_dim`` outputs and L2-normalises them: ``(B, C, H, W) -> (B, low_dim)``."""
+
+    def __init__(self, backbone: nn.Module, low_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.low_dim = low_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone(images), dim=1)
+
+
+def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def small_cnn(low_dim: int = 128, in_channels: int = 1, width: int = 32) -> Encoder:
+    """Four conv-BN-ReLU layers (widths w, 2w, 4w, 8w; three stride-2), global average pool, fc."""
+    w = width
+    backbone = nn.Sequential(
+        _conv_bn(in_channels, w, 1),
+        _conv_bn(w, 2 * w, 2),
+        _conv_bn(2 * w, 4 * w, 2),
+        _conv_bn(4 * w, 8 * w, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8 * w, low_dim),
+    )
+    return Encoder(backbone, low_dim)
+
+
+def _torchvision_resnet(name: str, low_dim: int, in_channels: int) -> nn.Module:
+    net = getattr(torchvision.models, name)(weights=None, num_classes=low_dim)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    return net
+
+
+def resnet18(low_dim: int = 128, in_channels: int = 3) -> Encoder:
+    """torchvision ResNet18 (ImageNet stem), fc -> ``low_dim``."""
+    return Encoder(_torchvision_resnet("resnet18", low_dim, in_channels), low_dim)
+
+
+def resnet50(low_dim: int = 128, in_channels: int = 3) -> Encoder:
+    """torchvision ResNet50 (ImageNet stem), fc -> ``low_dim``."""
+    return Encoder(_torchvision_resnet("resnet50", low_dim, in_channels), low_dim)
+
+
+def resnet18_cifar(low_dim: int = 128, in_channels: int = 3) -> Encoder:
+    """ResNet18 for 32x32 inputs: 3x3 stride-1 stem, no max-pool (the paper's CIFAR-10 network)."""
+    net = torchvision.models.resnet18(weights=None, num_classes=low_dim)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return Encoder(net, low_dim)
+
+
+ARCHITECTURES: dict[str, Callable[..., Encoder]] = {
+    "small_cnn": small_cnn,
+    "resnet18_cifar": resnet18_cifar,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+}
+
+
+def build_encoder(arch: str, low_dim: int = 128, in_channels: int = 3) -> Encoder:
+    """Encoder by name; an unknown name lists the valid ones."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[arch](low_dim=low_dim, in_channels=in_channels)
