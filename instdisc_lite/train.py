@@ -76,7 +76,7 @@ def build_objective(config: TrainConfig, bank: MemoryBank) -> nn.Module:
 
 
 def learning_rate(config: TrainConfig, epoch: float) -> float:
-    """The paper's step schedule scaled to ``config.epochs`` (x0.1 at 60 % and 80 %), after an optional linear warm-up."""
+    """The paper's step schedule scaled to ``config.epochs`` (x0.1 at 60 % and 80 %), after optional warm-up."""
     if config.warmup_epochs > 0 and epoch < config.warmup_epochs:
         return config.lr * (epoch + 1) / (config.warmup_epochs + 1)
     drops = sum(epoch >= m * config.epochs for m in config.lr_milestones)
@@ -312,15 +312,15 @@ def train(
                 save_run_checkpoint(run)
             knn = f", kNN top-1 {row['knn_top1']:.2f}%" if "knn_top1" in row else ""
             if config.progress:
-                tqdm.write(
-                    f"epoch {run.epoch}/{config.epochs}: loss {row['loss']:.4f}, lr {row['lr']:.4g}{knn} ({row['time']:.1f}s)"
-                )
+                msg = f"epoch {run.epoch}/{config.epochs}: loss {row['loss']:.4f}, lr {row['lr']:.4g}"
+                tqdm.write(f"{msg}{knn} ({row['time']:.1f}s)")
     if final_eval:
         final = evaluate_final(run)
         if main:
-            result = {"name": config.name, "epochs": run.epoch, "elapsed": run.metrics[-1]["elapsed"] if run.metrics else 0.0,
+            last = run.metrics[-1] if run.metrics else {}
+            result = {"name": config.name, "epochs": run.epoch, "elapsed": last.get("elapsed", 0.0),
                       "final_knn_top1": final["knn_top1"], "final_knn_top5": final["knn_top5"],
-                      "bank_knn_top1": run.metrics[-1].get("knn_top1") if run.metrics else None,
+                      "bank_knn_top1": last.get("knn_top1"),
                       "device": str(run.device), "torch": torch.__version__}  # fmt: skip
             atomic_write_text(json.dumps(result, indent=2) + "\n", run.run_dir / "results.json")
         run.final = final  # type: ignore[attr-defined]
