@@ -8,6 +8,7 @@ to a YAML file. Unknown keys fail and list the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,7 @@ def shipped_configs() -> list[str]:
 def _coerce(key: str, value: Any, annotation: str) -> Any:
     """Check ``value`` against the dataclass field's type and convert int -> float where needed."""
     hint = typing.get_type_hints(TrainConfig)[key]
-    args = typing.get_args(hint)
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hint) if args else hint
     if value is None:
@@ -99,8 +100,12 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key {key!r} expects a list ({annotation}), got {value!r}")
         (item,) = typing.get_args(base)
+        if item is float and not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"config key {key!r} expects a list of numbers ({annotation}), got {value!r}")
         return [float(v) if item is float else v for v in value]
-    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+    if base is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
         return float(value)
     if base is bool and not isinstance(value, bool):
         raise ConfigError(f"config key {key!r} expects true/false, got {value!r}")

@@ -131,6 +131,17 @@ class CIFAR10Instance(torchvision.datasets.CIFAR10):
         base = Path(self.root) / self.base_folder
         return all((base / name).exists() for name, _ in self.train_list + self.test_list)
 
+    def _load_meta(self) -> None:
+        # torchvision's version also checks batches.meta against its md5; presence is enough here too
+        import pickle
+
+        path = Path(self.root) / self.base_folder / self.meta["filename"]
+        if not path.exists():
+            raise RuntimeError(f"CIFAR-10 metadata file {path} not found")
+        with open(path, "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
     def __init__(self, root: str | Path, train: bool = True, transform=None, download: bool = False):
         try:
             super().__init__(str(root), train=train, transform=transform, download=download)
