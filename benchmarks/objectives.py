@@ -17,7 +17,7 @@ background load hits all of them alike. Figures are medians. On CUDA every phase
 ``torch.cuda.synchronize()`` and the peak memory of each objective's forward+backward is measured.
 Everything runs in fp32.
 
-    python benchmarks/objectives.py                                   # small_cnn, 28x28x1 (default, ~1 min on 2 CPU cores)
+    python benchmarks/objectives.py        # small_cnn on 28x28x1 images (the default; ~1 min on 2 idle CPU cores)
     python benchmarks/objectives.py --arch resnet18_cifar --image-size 32 --repeats 3
     python benchmarks/objectives.py --device cuda --repeats 50
 
@@ -128,11 +128,11 @@ def cpu_model() -> str:
 
 
 def provenance(device: torch.device, argv: list[str]) -> dict:
-    status = _run(["git", "status", "--porcelain", "--untracked-files=no", "--", "instdisc_lite"])
+    diff = _run(["git", "diff", "--stat", "HEAD", "--", "instdisc_lite"])
     info = {
         "command": shlex.join([Path(sys.executable).name, *argv]),
         "git_commit": _run(["git", "rev-parse", "HEAD"]),
-        "package_modified_since_commit": None if status is None else bool(status),
+        "package_diff_vs_commit": diff,  # "" = the package is as committed (others may edit it concurrently)
         "package_path": str(Path(instdisc_lite.__file__).parent),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -229,8 +229,10 @@ def measure(cases: list[Case], warmup: int, repeats: int, sync: Callable[[], Non
     for r in range(repeats):  # interleaved: round r runs every case once
         for case in cases:
             case.samples.append(case.step())
-        print(f"\r  round {r + 1}/{repeats}", end="", file=sys.stderr, flush=True)
-    print("\r" + " " * 30 + "\r", end="", file=sys.stderr, flush=True)
+        if sys.stderr.isatty():
+            print(f"\r  round {r + 1}/{repeats}", end="", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print("\r" + " " * 30 + "\r", end="", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- objectives
@@ -406,11 +408,11 @@ def fmt_bytes(b: int | None) -> str:
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
     print(line)
     print("-" * len(line))
     for r in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
 
 
 def spread(case: Case, phase: str = "total") -> str:
@@ -422,7 +424,8 @@ def spread(case: Case, phase: str = "total") -> str:
 def report_objectives(cases: list[Case], args: argparse.Namespace, device: torch.device) -> None:
     base = next(c for c in cases if c.key == "parametric")
     print(f"\nObjectives: loss on random unit features (B={args.batch_size}, d={args.dim}, n={args.n}, "
-          f"m={args.negatives}), fp32, ms/step (median of {len(base.samples)}); ratios vs the parametric softmax")  # fmt: skip
+          f"m={args.negatives}), fp32, ms/step (median of {len(base.samples)}); "
+          "ratios vs the parametric softmax")  # fmt: skip
     headers = ["objective", "loss f+b", "update", "total", "range", "x param f+b", "x param total",
                "gather (analytic)", "logits (analytic)"]  # fmt: skip
     if device.type == "cuda":
@@ -474,8 +477,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"commit {(prov['git_commit'] or '?')[:10]} | warm-up {warmup}, repeats {repeats}")  # fmt: skip
     torch.manual_seed(args.seed)
     monitor = LoadMonitor()
-    result: dict = {"provenance": prov, "config": {k: str(v) if isinstance(v, Path) else v for k, v in
-                                                   vars(args).items()} | {"repeats": repeats, "warmup": warmup}}  # fmt: skip
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    result: dict = {"provenance": prov, "config": config | {"repeats": repeats, "warmup": warmup}}
 
     if args.parts in ("all", "objectives"):
         obj = objective_cases(args, device, sync)
@@ -509,8 +512,10 @@ def main(argv: list[str] | None = None) -> dict:
     under_load = others is not None and others > 0.25
     result["measured_under_load"] = under_load
     if under_load:
-        print(f"WARNING: measured under load — other processes kept ~{others} of {cores} CPU cores busy; "
-              "absolute times are inflated and noisy, ratios are more trustworthy (cases were interleaved).")
+        print(
+            f"WARNING: measured under load — other processes kept ~{others} of {cores} CPU cores busy; "
+            "absolute times are inflated and noisy, ratios are more trustworthy (cases were interleaved)."
+        )
 
     out = args.output or ROOT / "results" / f"objectives_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,14 +34,20 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
+        from . import distributed
         from .data import DatasetNotFoundError
         from .train import NonFiniteLossError, RunExistsError, train
 
         try:
             run = train(config, resume=args.resume, overwrite=args.overwrite)
+            main_process = distributed.is_main_process()
         except (DatasetNotFoundError, NonFiniteLossError, RunExistsError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        finally:
+            distributed.cleanup()
+        if not main_process:  # only rank 0 prints the result
+            return 0
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

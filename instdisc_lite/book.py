@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import TypeVar
+from importlib import resources
+from typing import Any, TypeVar
 
 import torch
+import yaml
 
 from .train import select_device
 
@@ -53,3 +55,18 @@ def book_mode(mode: str | None = None) -> BookMode:
     if name == "auto":
         name = "full" if device.type == "cuda" else "quick"
     return BookMode(name=name, device=device, on_colab=on_colab())
+
+
+def paper_results() -> dict[str, Any]:
+    """The figures reported for InstDisc, parsed from the package's ``paper_results.yaml``.
+
+    Chapters quote reported numbers from here rather than typing them. The result maps a group name
+    (``cifar10_resnet18``, ``imagenet_released_models``, ...) to a dict with ``description``, ``source``
+    (where the figures were reported), ``source_kind`` (``paper``, ``README`` or ``issue``), ``unchecked``
+    (True when the figures could not be checked against the paper itself, which the chapter must then say),
+    ``unit`` and ``figures`` (the numbers, keyed by setting and metric). For example
+    ``paper_results()["cifar10_resnet18"]["figures"]["nce_m4096"]["knn"]`` is the paper's kNN top-1 for NCE
+    with 4096 negatives. A fresh dict is returned on every call, so callers may modify it.
+    """
+    text = resources.files(__package__).joinpath("paper_results.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)

@@ -366,7 +366,9 @@ def build_data(config, device: torch.device | str = "cpu") -> DataBundle:
         data, targets = train.data[:n], train.targets[:n]
         n_test = len(test) if config.eval_subset is None else min(config.eval_subset, len(test))
         if distributed.is_distributed():  # each rank takes a strided shard of the per-epoch order
-            shard = torch.arange(distributed.rank(), n, distributed.world_size())
+            # every rank gets the same number of items, so all ranks take the same number of steps
+            world = distributed.world_size()
+            shard = torch.arange(distributed.rank(), (n // world) * world, world)
             train_loader = TensorBatchLoader(data, targets, bs, True, drop_last=True, seed=seed, indices=shard)
         else:
             train_loader = TensorBatchLoader(data, targets, bs, shuffle=True, drop_last=True, seed=seed)

@@ -64,3 +64,9 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / world_size()
+
+
+def cleanup() -> None:
+    """Destroy the process group at the end of a distributed run."""
+    if is_distributed():
+        dist.destroy_process_group()

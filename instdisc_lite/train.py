@@ -124,6 +124,7 @@ def build_run(config: TrainConfig, device: torch.device | None = None) -> Run:
     params = list(model.parameters()) + list(objective.parameters())
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay)
     if distributed.is_distributed():
+        torch.manual_seed(config.seed + distributed.rank())  # own noise/augmentation per rank; DDP syncs weights
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if config.compile:
         model = torch.compile(model)

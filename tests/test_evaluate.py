@@ -1,0 +1,109 @@
+"""Weighted kNN against a brute-force reference; the linear probe on a separable problem."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from instdisc_lite import extract_features, linear_probe, weighted_knn
+from instdisc_lite.evaluate import knn_neighbours
+
+
+def clustered_problem(num_train=150, num_test=40, dim=8, num_classes=7, spread=0.9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=g)
+    train_labels = torch.randint(num_classes, (num_train,), generator=g)
+    test_labels = torch.randint(num_classes, (num_test,), generator=g)
+    train = centres[train_labels] + spread * torch.randn(num_train, dim, generator=g)
+    test = centres[test_labels] + spread * torch.randn(num_test, dim, generator=g)
+    return train, train_labels, test, test_labels  # deliberately not normalised: weighted_knn does it
+
+
+def brute_force_knn(train, train_labels, test, test_labels, k, tau, num_classes):
+    """Plain loops and a full sort: cosine similarity, k best, votes exp(s/tau), top-1 and top-5."""
+    train = [row / row.norm() for row in train.double()]
+    test = [row / row.norm() for row in test.double()]
+    k = min(k, len(train))
+    top1 = top5 = 0
+    for q, y in zip(test, test_labels.tolist(), strict=True):
+        sims = [float(q @ t) for t in train]
+        order = sorted(range(len(train)), key=lambda i: -sims[i])
+        if k < len(train):  # no tie at the k-th neighbour that rounding could flip
+            assert sims[order[k - 1]] - sims[order[k]] > 1e-5
+        votes = [0.0] * num_classes
+        for i in order[:k]:
+            votes[int(train_labels[i])] += math.exp(sims[i] / tau)
+        ranking = sorted(range(num_classes), key=lambda c: -votes[c])
+        assert votes[ranking[0]] > votes[ranking[1]] * (1 + 1e-6)  # a unique winner
+        if votes[ranking[4]] == votes[ranking[5]]:  # only ties at zero votes; then y must not be one of them
+            assert votes[y] != votes[ranking[4]]
+        top1 += ranking[0] == y
+        top5 += y in ranking[:5]
+    n = len(test)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+
+
+@pytest.mark.parametrize("k", [1, 5, 20, 150, 500])
+def test_weighted_knn_matches_brute_force(k):
+    train, train_labels, test, test_labels = clustered_problem()
+    ref = brute_force_knn(train, train_labels, test, test_labels, k, 0.1, 7)
+    assert 0 < ref["top1"] < 100 or k == 1  # a non-trivial problem
+    assert ref["top5"] >= ref["top1"]
+    for kwargs in ({}, {"bank_chunk": 7, "query_chunk": 3}, {"bank_chunk": 1, "query_chunk": 1},
+                   {"bank_chunk": 64, "query_chunk": 17, "num_classes": 7}):  # fmt: skip
+        got = weighted_knn(train, train_labels, test, test_labels, k=k, temperature=0.1, **kwargs)
+        assert got["top1"] == pytest.approx(ref["top1"], abs=1e-9), kwargs
+        assert got["top5"] == pytest.approx(ref["top5"], abs=1e-9), kwargs
+
+
+def test_knn_neighbours_chunked_equals_full_sort():
+    train, _, test, _ = clustered_problem(num_train=90, num_test=11, seed=1)
+    train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
+    full = (test @ train.T).sort(dim=1, descending=True)
+    for chunk in (1, 4, 13, 90, 1000):
+        sims, idx = knn_neighbours(train, test, k=10, bank_chunk=chunk)
+        assert idx.shape == (11, 10)
+        assert torch.equal(idx, full.indices[:, :10]), chunk
+        torch.testing.assert_close(sims, full.values[:, :10])
+
+
+def test_weighted_knn_temperature_weights_matter():
+    # one near neighbour of class 0 against three far ones of class 1: a small tau lets the near one win
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [-0.1, 1.0]])
+    labels = torch.tensor([0, 1, 1, 1])
+    query = torch.tensor([[1.0, 0.8]])
+    assert weighted_knn(train, labels, query, torch.tensor([0]), k=4, temperature=0.05)["top1"] == 100.0
+    assert weighted_knn(train, labels, query, torch.tensor([1]), k=4, temperature=10.0)["top1"] == 100.0
+
+
+def test_linear_probe_learns_separable_problem():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(3, 10, generator=g)
+
+    def sample(n):
+        x = torch.randn(n, 10, generator=g)
+        scores = x @ w.T
+        keep = (scores.topk(2, dim=1).values[:, 0] - scores.topk(2, dim=1).values[:, 1]) > 0.3  # a margin
+        return x[keep], scores[keep].argmax(1)
+
+    xtr, ytr = sample(600)
+    xte, yte = sample(300)
+    assert len(torch.unique(ytr)) == 3
+    acc = linear_probe(xtr, ytr, xte, yte, epochs=60, lr=0.1, batch_size=64)["top1"]
+    assert acc >= 97.0
+    # and a probe on shuffled labels cannot do that: the accuracy comes from the features
+    shuffled = ytr[torch.randperm(len(ytr), generator=g)]
+    assert linear_probe(xtr, shuffled, xte, yte, epochs=20, lr=0.1, batch_size=64)["top1"] < 80.0
+
+
+def test_extract_features_runs_in_eval_mode_and_restores_mode():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.9))
+    model.train()
+    x = torch.randn(10, 3)
+    loader = [(x[:6], torch.arange(6), None), (x[6:], torch.arange(6, 10), None)]
+    feats, labels = extract_features(model, loader, device="cpu")
+    torch.testing.assert_close(feats, model[0](x).detach())  # no dropout applied
+    assert torch.equal(labels, torch.arange(10)) and model.training

@@ -1,0 +1,73 @@
+"""The book's notebooks are stored stripped and follow the chapter conventions (see CONTRIBUTING.md).
+
+Outputs belong to builds, not to git: the book build and nbval execute every notebook from scratch. Each notebook
+must also open on Colab with a GPU runtime and install the package there from its first code cell.
+Fix a failure with ``make strip`` (outputs) or by editing the notebook's metadata / first code cell.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+BOOK = Path(__file__).resolve().parent.parent / "book"
+NOTEBOOKS = sorted(BOOK.glob("*.ipynb"))
+
+INSTALL_CELL = """\
+# On Colab, install instdisc_lite and the book's extras; elsewhere it is already installed.
+import sys
+if "google.colab" in sys.modules:
+    import subprocess
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "instdisc_lite[book] @ git+https://github.com/instdisc-lite/instdisc_lite"], check=True)"""
+
+
+def test_book_has_notebooks():
+    assert NOTEBOOKS, f"no notebooks in {BOOK}"
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def notebook(request) -> tuple[str, nbformat.NotebookNode]:
+    return request.param.name, nbformat.read(request.param, as_version=4)
+
+
+def test_no_outputs_or_execution_counts(notebook):
+    name, nb = notebook
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        assert not cell.get("outputs"), f"{name}: code cell {i} has outputs; run `make strip`"
+        assert cell.get("execution_count") is None, f"{name}: code cell {i} has an execution count; run `make strip`"
+        assert "execution" not in cell.metadata, f"{name}: code cell {i} has execution timings; run `make strip`"
+
+
+def test_first_code_cell_is_the_colab_install_cell(notebook):
+    name, nb = notebook
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code, f"{name}: no code cells"
+    assert code[0].source.strip() == INSTALL_CELL, (
+        f"{name}: the first code cell must be exactly the Colab install cell of CONTRIBUTING.md"
+    )
+
+
+def test_first_cell_is_a_title(notebook):
+    name, nb = notebook
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith("# "), f"{name}: first cell must be a # title"
+
+
+def test_colab_gpu_metadata(notebook):
+    name, nb = notebook
+    assert nb.metadata.get("accelerator") == "GPU", f'{name}: metadata.accelerator must be "GPU"'
+    colab = nb.metadata.get("colab")
+    assert isinstance(colab, dict), f"{name}: metadata.colab missing"
+    assert colab.get("gpuType") == "T4", f'{name}: metadata.colab.gpuType must be "T4"'
+
+
+def test_kernelspec_python3(notebook):
+    name, nb = notebook
+    kernelspec = nb.metadata.get("kernelspec", {})
+    assert kernelspec.get("name") == "python3", f"{name}: kernelspec must be python3, got {kernelspec!r}"
+    assert kernelspec.get("language", "python") == "python", f"{name}: kernelspec language must be python"

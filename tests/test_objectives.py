@@ -1,0 +1,310 @@
+"""The objectives against naive, loop-by-loop implementations of the paper's equations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from instdisc_lite import NCE, MemoryBank, NonParametricSoftmax, ParametricSoftmax, partition_function, proximal_term
+
+
+def make_bank(n: int, d: int, seed: int = 0, dtype=torch.float32) -> MemoryBank:
+    return MemoryBank(n, d, momentum=0.5, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def features_near(bank: MemoryBank, indices: torch.Tensor, noise: float, seed: int, dtype=None) -> torch.Tensor:
+    """Unit features close to their own bank rows (as after some training), so positives score high."""
+    g = torch.Generator().manual_seed(seed)
+    rows = bank.memory[indices]
+    f = rows + noise * torch.randn(rows.shape, generator=g, dtype=rows.dtype)
+    return F.normalize(f, dim=1).to(dtype or rows.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-parametric softmax (eq. 2) and its gradient
+# ------------------------------------------------------------------------------------------------
+
+
+def naive_softmax_loss_and_grad(features, memory, indices, tau):
+    """-mean_b log P(i_b|f_b) and the analytic gradient (sum_j P(j|f_b) v_j - v_{i_b}) / (tau B), by loops."""
+    batch = features.shape[0]
+    loss = 0.0
+    grad = torch.zeros_like(features)
+    for b in range(batch):
+        scores = [float(memory[j] @ features[b]) / tau for j in range(memory.shape[0])]
+        top = max(scores)
+        weights = [math.exp(s - top) for s in scores]
+        total = sum(weights)
+        probs = [w / total for w in weights]
+        loss -= math.log(probs[int(indices[b])])
+        expected_v = sum(p * memory[j] for j, p in enumerate(probs))
+        grad[b] = (expected_v - memory[int(indices[b])]) / (tau * batch)
+    return loss / batch, grad
+
+
+def test_nonparametric_softmax_gradient_matches_analytic_form_float64():
+    bank = make_bank(40, 8, seed=1, dtype=torch.float64)
+    objective = NonParametricSoftmax(bank, temperature=0.07)
+    indices = torch.tensor([3, 17, 0, 39, 17])
+    features = features_near(bank, indices, noise=0.7, seed=2).requires_grad_()
+    loss = objective.data_loss(features, indices)
+    loss.backward()
+    ref_loss, ref_grad = naive_softmax_loss_and_grad(features.detach(), bank.memory, indices, 0.07)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-12)
+    torch.testing.assert_close(features.grad, ref_grad, rtol=1e-10, atol=1e-12)
+    assert bank.memory.grad is None
+
+
+def test_nonparametric_softmax_forward_float32_gradient():
+    bank = make_bank(64, 16, seed=3)
+    objective = NonParametricSoftmax(bank, temperature=0.1)
+    indices = torch.tensor([5, 9, 63, 0])
+    features = features_near(bank, indices, noise=1.0, seed=4).requires_grad_()
+    objective(features, indices).backward()
+    _, ref_grad = naive_softmax_loss_and_grad(features.detach().double(), bank.memory.double(), indices, 0.1)
+    torch.testing.assert_close(features.grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_parametric_softmax_is_cross_entropy_over_its_weights():
+    torch.manual_seed(0)
+    objective = ParametricSoftmax(dim=6, num_items=11)
+    features = F.normalize(torch.randn(4, 6), dim=1)
+    indices = torch.tensor([0, 10, 4, 4])
+    weights = objective.classifier.weight.detach()
+    ref = 0.0
+    for b in range(4):
+        logits = [float(weights[j] @ features[b]) for j in range(11)]
+        ref -= logits[int(indices[b])] - math.log(sum(math.exp(s) for s in logits))
+    assert objective(features, indices).item() == pytest.approx(ref / 4, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# NCE (eqs. 4-7) term by term
+# ------------------------------------------------------------------------------------------------
+
+
+def naive_z(features, memory, noise, n):
+    """Eq. 7 over a batch: n * mean over (b, k) of exp(v_{j_bk} . f_b / tau) (tau applied by the caller)."""
+    vals = []
+    for b in range(features.shape[0]):
+        row = noise[b] if noise.dim() == 2 else noise
+        vals += [math.exp(float(memory[int(j)] @ features[b])) for j in row]
+    return n * sum(vals) / len(vals)
+
+
+def naive_nce(features, memory, indices, noise, tau, z, m):
+    """J = mean_b [ -log h(pos) - sum_k log(1 - h(noise_k)) ], P = exp(v.f/tau)/Z, h = P / (P + m/n)."""
+    n = memory.shape[0]
+    total = 0.0
+    for b in range(features.shape[0]):
+        f = features[b]
+        p_pos = math.exp(float(memory[int(indices[b])] @ f) / tau) / z
+        term = -math.log(p_pos / (p_pos + m / n))
+        row = noise[b] if noise.dim() == 2 else noise
+        for j in row:
+            p = math.exp(float(memory[int(j)] @ f) / tau) / z
+            term -= math.log(1.0 - p / (p + m / n))
+        total += term
+    return total / features.shape[0]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_image", "shared"])
+@pytest.mark.parametrize("z_mode", ["fixed", "running"])
+def test_nce_matches_paper_formula_term_by_term(shared, z_mode):
+    n, d, m, tau, batch = 200, 16, 24, 0.07, 5
+    bank = make_bank(n, d, seed=5)
+    nce = NCE(bank, num_negatives=m, temperature=tau, z_mode=z_mode, z_momentum=0.9, shared_negatives=shared)
+    g = torch.Generator().manual_seed(6)
+    memory = bank.memory.double()
+
+    def batch_and_noise(seed):
+        idx = torch.randint(n, (batch,), generator=g)
+        feats = features_near(bank, idx, noise=0.6, seed=seed)
+        noise = torch.randint(n, (m,) if shared else (batch, m), generator=g)
+        return idx, feats, noise
+
+    # first batch: Z is estimated from it, in both modes
+    idx1, f1, noise1 = batch_and_noise(7)
+    assert nce.z.item() < 0  # not estimated yet
+    loss1 = nce(f1, idx1, noise_indices=noise1)
+    z1 = naive_z(f1.double() / tau, memory, noise1, n)
+    assert nce.z.item() == pytest.approx(z1, rel=1e-5)
+    assert loss1.item() == pytest.approx(naive_nce(f1.double(), memory, idx1, noise1, tau, z1, m), rel=1e-5)
+
+    # second batch: fixed keeps Z, running moves it by the EMA before using it
+    idx2, f2, noise2 = batch_and_noise(8)
+    z_before = nce.z.item()
+    loss2 = nce(f2, idx2, noise_indices=noise2)
+    z_batch2 = naive_z(f2.double() / tau, memory, noise2, n)
+    assert z_batch2 != pytest.approx(z1, rel=1e-3)  # the two batches really disagree, so the check below can fail
+    if z_mode == "fixed":
+        assert nce.z.item() == z_before
+        z2 = z1
+    else:
+        z2 = 0.9 * z1 + 0.1 * z_batch2
+        assert nce.z.item() == pytest.approx(z2, rel=1e-5)
+    assert loss2.item() == pytest.approx(naive_nce(f2.double(), memory, idx2, noise2, tau, z2, m), rel=1e-5)
+
+    # evaluation mode never moves Z
+    nce.eval()
+    z_eval = nce.z.item()
+    nce(f1, idx1, noise_indices=noise1)
+    assert nce.z.item() == z_eval
+
+
+def test_nce_sample_noise_shapes_and_range():
+    bank = make_bank(50, 4)
+    per_image = NCE(bank, num_negatives=300, shared_negatives=False).sample_noise(7)
+    shared = NCE(bank, num_negatives=300, shared_negatives=True).sample_noise(7)
+    assert per_image.shape == (7, 300) and shared.shape == (300,)
+    for noise in (per_image, shared):
+        assert noise.dtype == torch.long and noise.min() >= 0 and noise.max() < 50
+        assert len(torch.unique(noise)) > 40  # uniform over all rows, not a fixed subset
+
+
+def test_nce_gradient_does_not_flow_through_z_or_bank():
+    bank = make_bank(100, 8, seed=9)
+    nce = NCE(bank, num_negatives=16, temperature=0.1)
+    idx = torch.tensor([1, 2, 3])
+    f = features_near(bank, idx, 0.5, seed=10).requires_grad_()
+    noise = torch.randint(100, (3, 16), generator=torch.Generator().manual_seed(0))
+    loss = nce(f, idx, noise_indices=noise)
+    loss.backward()
+    # reference gradient with Z as a constant: differentiate the naive formula in float64 by autograd
+    z = nce.z.item()
+    fd = f.detach().double().requires_grad_()
+    memory = bank.memory.double()
+    p_pos = torch.exp((fd * memory[idx]).sum(1) / 0.1) / z
+    p_noise = torch.exp(torch.einsum("bkd,bd->bk", memory[noise], fd) / 0.1) / z
+    k = 16 / 100
+    ref = (-torch.log(p_pos / (p_pos + k)) - torch.log(1 - p_noise / (p_noise + k)).sum(1)).mean()
+    ref.backward()
+    torch.testing.assert_close(f.grad.double(), fd.grad, rtol=1e-4, atol=1e-6)
+    assert not bank.memory.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# Z: the Monte-Carlo estimate approaches the exact partition function
+# ------------------------------------------------------------------------------------------------
+
+
+def test_partition_function_is_exact_sum():
+    bank = make_bank(300, 12, seed=11)
+    f = F.normalize(torch.randn(4, 12, generator=torch.Generator().manual_seed(12)), dim=1)
+    z = partition_function(f, bank, 0.07)
+    for b in range(4):
+        ref = sum(math.exp(float(bank.memory[j].double() @ f[b].double()) / 0.07) for j in range(300))
+        assert z[b].item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_z_estimate_approaches_exact_partition_function_as_m_grows():
+    n, d, tau, batch = 20_000, 128, 0.07, 8
+    bank = make_bank(n, d, seed=13)
+    f = F.normalize(torch.randn(batch, d, generator=torch.Generator().manual_seed(14)), dim=1)
+    exact = partition_function(f, bank, tau).double()  # (B,)
+    errors: dict[int, list[float]] = {16: [], 4096: []}
+    batch_errors: dict[int, list[float]] = {16: [], 4096: []}
+    for m in errors:
+        nce = NCE(bank, num_negatives=m, temperature=tau)
+        for seed in range(10):
+            noise = nce.sample_noise(batch, generator=torch.Generator().manual_seed(seed))
+            scores = nce.noise_scores(f, noise)  # (B, m)
+            per_image = n * scores.double().exp().mean(dim=1)  # (n/m) sum_k exp(...)
+            errors[m].append(((per_image - exact).abs() / exact).mean().item())
+            z_batch = nce.estimate_z(scores).item()  # the scalar the objective uses
+            batch_errors[m].append(abs(z_batch - exact.mean().item()) / exact.mean().item())
+    small, large = (sum(errors[m]) / len(errors[m]) for m in (16, 4096))
+    assert large < small / 4
+    assert large < 0.1
+    small_b, large_b = (sum(batch_errors[m]) / len(batch_errors[m]) for m in (16, 4096))
+    assert large_b < small_b / 4
+    assert large_b < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared and per-image negatives: the same expected loss
+# ------------------------------------------------------------------------------------------------
+
+
+def test_shared_and_per_image_negatives_have_same_expected_loss():
+    n, d, m, tau, batch, draws = 300, 16, 8, 0.1, 6, 2000
+    bank = make_bank(n, d, seed=15)
+    idx = torch.tensor([0, 5, 10, 150, 299, 42])
+    f = features_near(bank, idx, noise=0.5, seed=16)
+    z = partition_function(f, bank, tau).mean().item()
+    losses = {}
+    g = torch.Generator().manual_seed(17)
+    for shared in (False, True):
+        nce = NCE(bank, num_negatives=m, temperature=tau, z_mode="fixed", shared_negatives=shared)
+        nce.z.fill_(z)
+        with torch.no_grad():
+            losses[shared] = torch.tensor(
+                [nce(f, idx, noise_indices=nce.sample_noise(batch, generator=g)).item() for _ in range(draws)],
+                dtype=torch.float64,
+            )
+    # the exact expectation: each noise slot is uniform over all n rows
+    memory, fd = bank.memory.double(), f.double()
+    p = torch.exp(fd @ memory.T / tau) / z  # (B, n)
+    k = m / n
+    log_h_pos = torch.log(p[torch.arange(batch), idx] / (p[torch.arange(batch), idx] + k))
+    log_1m_h = torch.log(1 - p / (p + k))  # (B, n)
+    expected = (-log_h_pos - m * log_1m_h.mean(dim=1)).mean().item()
+
+    means = {s: v.mean().item() for s, v in losses.items()}
+    ses = {s: v.std().item() / math.sqrt(draws) for s, v in losses.items()}
+    assert all(se > 0 for se in ses.values())
+    for s in (False, True):
+        assert abs(means[s] - expected) < 4 * ses[s], (s, means[s], expected, ses[s])
+    assert abs(means[True] - means[False]) < 4 * math.hypot(ses[True], ses[False])
+
+
+# ------------------------------------------------------------------------------------------------
+# Proximal regularisation (eq. 8)
+# ------------------------------------------------------------------------------------------------
+
+
+def naive_proximal(features, rows, lam):
+    total = 0.0
+    for b in range(features.shape[0]):
+        total += sum((float(features[b, j]) - float(rows[b, j])) ** 2 for j in range(features.shape[1]))
+    return lam * total / features.shape[0]
+
+
+@pytest.mark.parametrize("kind", ["nce", "softmax"])
+def test_proximal_term_is_added_to_the_loss(kind):
+    n, d, lam = 80, 8, 0.3
+    bank = make_bank(n, d, seed=18)
+    idx = torch.tensor([1, 7, 30, 79])
+    f = features_near(bank, idx, noise=0.8, seed=19)
+    noise = torch.randint(n, (4, 10), generator=torch.Generator().manual_seed(20))
+
+    def build(weight):
+        if kind == "nce":
+            return NCE(bank, num_negatives=10, temperature=0.07, proximal=weight)
+        return NonParametricSoftmax(bank, temperature=0.07, proximal=weight)
+
+    kwargs = {"noise_indices": noise} if kind == "nce" else {}
+    with_prox, plain = build(lam), build(0.0)
+    loss_prox = with_prox(f, idx, **kwargs)
+    loss_plain = plain(f, idx, **kwargs)
+    expected_extra = naive_proximal(f, bank.memory[idx], lam)
+    assert expected_extra > 0.01  # the features really are away from their rows
+    assert (loss_prox - loss_plain).item() == pytest.approx(expected_extra, rel=1e-4)
+    # lambda = 0 is exactly the data term
+    assert torch.equal(plain(f, idx, **kwargs), plain.data_loss(f, idx, **kwargs))
+
+
+def test_proximal_term_value_and_gradient():
+    g = torch.Generator().manual_seed(21)
+    f = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    value = proximal_term(f, rows, 0.7)
+    assert value.item() == pytest.approx(naive_proximal(f.detach(), rows.detach(), 0.7), rel=1e-12)
+    value.backward()
+    torch.testing.assert_close(f.grad, 2 * 0.7 * (f - rows).detach() / 5)
+    assert rows.grad is None  # v^(t-1) is a constant
+    assert proximal_term(f, rows, 0.0).item() == 0.0
