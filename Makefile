@@ -33,3 +33,37 @@ lint:
 bench:
 	$(PYTHON) benchmarks/objectives.py
 	$(PYTHON) benchmarks/quality.py
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The book (Jupyter Book 1; _config.yml, _toc.yml, book/). Chapter conventions: CONTRIBUTING.md.
+#   make book        execute every notebook from scratch and build _build/html (warnings fail the build)
+#   make book-nbval  run the notebooks as tests (nbval, outputs not compared)
+#   make book-check  open every built page in headless chromium: math typeset, images loaded, Colab links, no network
+#   make strip       remove outputs / execution counts from book/*.ipynb before committing
+#   make mathjax     copy MathJax 3 from npm into book/_static/mathjax (the pages load no CDN)
+# Extra system/npm/pip dependencies of these targets: tools/install_book_deps.sh (chromium, playwright, mathjax).
+# ---------------------------------------------------------------------------------------------------------------------
+INSTDISC_BOOK_MODE ?= auto
+export INSTDISC_BOOK_MODE
+
+.PHONY: book-deps mathjax book book-nbval book-check strip
+
+book-deps:
+	PYTHON=$(PYTHON) tools/install_book_deps.sh
+
+mathjax:
+	tools/install_mathjax.sh
+
+# A clean build: every notebook is executed again (the package may have changed) and no stale page survives.
+book: mathjax
+	rm -rf _build/html _build/jupyter_execute _build/.doctrees
+	jupyter-book build . --all -W -n --keep-going
+
+book-nbval:
+	$(PYTHON) -m pytest -q --nbval-lax --nbval-cell-timeout=600 book/
+
+book-check:
+	INSTDISC_REQUIRE_BROWSER=1 $(PYTHON) -m pytest -q tests/book/test_rendered_book.py
+
+strip:
+	$(PYTHON) tools/strip_notebooks.py

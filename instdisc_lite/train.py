@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,8 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     final_eval: bool = True,
+    stop_after: int | None = None,
+    on_epoch_end: Callable[[Run], dict[str, Any] | None] | None = None,
 ) -> Run:
     """Train a run end to end and return it (model, bank, metrics; ``run.metrics[-1]`` is the last epoch).
 
@@ -275,6 +278,10 @@ def train(
     ``results.json`` (final kNN with recomputed features). ``resume=True`` continues from the
     checkpoint exactly; a run directory that already has a checkpoint is refused unless
     ``resume`` or ``overwrite`` is given, so no finished run is lost by accident.
+    ``stop_after=k`` stops once k epochs are done, right after their checkpoint, as an interruption
+    would (no final evaluation then); ``resume=True`` later continues as if nothing had happened.
+    ``on_epoch_end(run)`` is called after every epoch (after its kNN monitor); the dict it returns, if any, is
+    added to that epoch's metrics row (the book uses it to probe the bank and the objective as training goes).
     """
     if isinstance(config, str):
         config = load_config(config, overrides)
@@ -297,7 +304,7 @@ def train(
         run.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run.run_dir / "config.yaml")
     start = time.perf_counter() - (run.metrics[-1]["elapsed"] if run.metrics else 0.0)
-    while run.epoch < config.epochs:
+    while run.epoch < config.epochs and (stop_after is None or run.epoch < stop_after):
         stats = train_one_epoch(run)
         run.epoch += 1
         row: dict[str, Any] = {"epoch": run.epoch, **stats}
@@ -305,17 +312,19 @@ def train(
             row["z"] = run.objective.z.item()
         if run.epoch % config.eval_every == 0 or run.epoch == config.epochs:
             row.update(evaluate_bank(run))
+        if on_epoch_end is not None:
+            row.update(on_epoch_end(run) or {})
         row["elapsed"] = time.perf_counter() - start
         run.metrics.append(row)
         if main:
             _write_metrics(run)
-            if run.epoch % config.checkpoint_every == 0 or run.epoch == config.epochs:
+            if run.epoch % config.checkpoint_every == 0 or run.epoch in (config.epochs, stop_after):
                 save_run_checkpoint(run)
             knn = f", kNN top-1 {row['knn_top1']:.2f}%" if "knn_top1" in row else ""
             if config.progress:
                 msg = f"epoch {run.epoch}/{config.epochs}: loss {row['loss']:.4f}, lr {row['lr']:.4g}"
                 tqdm.write(f"{msg}{knn} ({row['time']:.1f}s)")
-    if final_eval:
+    if final_eval and run.epoch == config.epochs:
         final = evaluate_final(run)
         if main:
             last = run.metrics[-1] if run.metrics else {}

@@ -23,40 +23,53 @@ def clustered_problem(num_train=150, num_test=40, dim=8, num_classes=7, spread=0
 
 
 def brute_force_knn(train, train_labels, test, test_labels, k, tau, num_classes):
-    """Plain loops and a full sort: cosine similarity, k best, votes exp(s/tau), top-1 and top-5."""
+    """Plain loops and a full sort: cosine similarity, k best, votes exp(s/tau), top-1 and top-5.
+
+    Returns one ``(top1 hit, top5 hit)`` per query; the top-5 hit is None when it is a matter of tie-breaking
+    (the true class has no votes and ties with other vote-less classes at the 5th place).
+    """
     train = [row / row.norm() for row in train.double()]
     test = [row / row.norm() for row in test.double()]
     k = min(k, len(train))
-    top1 = top5 = 0
+    hits = []
     for q, y in zip(test, test_labels.tolist(), strict=True):
         sims = [float(q @ t) for t in train]
         order = sorted(range(len(train)), key=lambda i: -sims[i])
-        if k < len(train):  # no tie at the k-th neighbour that rounding could flip
-            assert sims[order[k - 1]] - sims[order[k]] > 1e-5
+        if k < len(train):  # no tie at the k-th neighbour that float32 rounding could flip
+            assert sims[order[k - 1]] - sims[order[k]] > 1e-6
         votes = [0.0] * num_classes
         for i in order[:k]:
             votes[int(train_labels[i])] += math.exp(sims[i] / tau)
         ranking = sorted(range(num_classes), key=lambda c: -votes[c])
         assert votes[ranking[0]] > votes[ranking[1]] * (1 + 1e-6)  # a unique winner
-        if votes[ranking[4]] == votes[ranking[5]]:  # only ties at zero votes; then y must not be one of them
-            assert votes[y] != votes[ranking[4]]
-        top1 += ranking[0] == y
-        top5 += y in ranking[:5]
-    n = len(test)
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+        ambiguous = votes[y] == 0.0 and votes[ranking[4]] == 0.0
+        hits.append((ranking[0] == y, None if ambiguous else y in ranking[:5]))
+    return hits
 
 
 @pytest.mark.parametrize("k", [1, 5, 20, 150, 500])
 def test_weighted_knn_matches_brute_force(k):
     train, train_labels, test, test_labels = clustered_problem()
-    ref = brute_force_knn(train, train_labels, test, test_labels, k, 0.1, 7)
-    assert 0 < ref["top1"] < 100 or k == 1  # a non-trivial problem
-    assert ref["top5"] >= ref["top1"]
+    hits = brute_force_knn(train, train_labels, test, test_labels, k, 0.1, 7)
+    n = len(hits)
+    top1 = 100.0 * sum(h1 for h1, _ in hits) / n
+    sure5 = 100.0 * sum(h5 is True for _, h5 in hits) / n
+    maybe5 = 100.0 * sum(h5 is None for _, h5 in hits) / n
+    assert 0 < top1 < 100  # a non-trivial problem
+    if k >= 20:
+        assert maybe5 == 0  # enough neighbours that every query has a well-defined top-5
     for kwargs in ({}, {"bank_chunk": 7, "query_chunk": 3}, {"bank_chunk": 1, "query_chunk": 1},
                    {"bank_chunk": 64, "query_chunk": 17, "num_classes": 7}):  # fmt: skip
         got = weighted_knn(train, train_labels, test, test_labels, k=k, temperature=0.1, **kwargs)
-        assert got["top1"] == pytest.approx(ref["top1"], abs=1e-9), kwargs
-        assert got["top5"] == pytest.approx(ref["top5"], abs=1e-9), kwargs
+        assert got["top1"] == pytest.approx(top1, abs=1e-9), kwargs
+        assert sure5 - 1e-9 <= got["top5"] <= sure5 + maybe5 + 1e-9, kwargs
+    # query by query, where the answer does not depend on tie-breaking
+    for q in range(n):
+        got = weighted_knn(train, train_labels, test[q : q + 1], test_labels[q : q + 1], k=k, temperature=0.1,
+                           num_classes=7, bank_chunk=11)  # fmt: skip
+        assert got["top1"] == 100.0 * hits[q][0]
+        if hits[q][1] is not None:
+            assert got["top5"] == 100.0 * hits[q][1]
 
 
 def test_knn_neighbours_chunked_equals_full_sort():
@@ -89,14 +102,14 @@ def test_linear_probe_learns_separable_problem():
         keep = (scores.topk(2, dim=1).values[:, 0] - scores.topk(2, dim=1).values[:, 1]) > 0.3  # a margin
         return x[keep], scores[keep].argmax(1)
 
-    xtr, ytr = sample(600)
-    xte, yte = sample(300)
+    xtr, ytr = sample(400)
+    xte, yte = sample(200)
     assert len(torch.unique(ytr)) == 3
-    acc = linear_probe(xtr, ytr, xte, yte, epochs=60, lr=0.1, batch_size=64)["top1"]
+    acc = linear_probe(xtr, ytr, xte, yte, epochs=100, lr=0.5, batch_size=1024)["top1"]
     assert acc >= 97.0
     # and a probe on shuffled labels cannot do that: the accuracy comes from the features
     shuffled = ytr[torch.randperm(len(ytr), generator=g)]
-    assert linear_probe(xtr, shuffled, xte, yte, epochs=20, lr=0.1, batch_size=64)["top1"] < 80.0
+    assert linear_probe(xtr, shuffled, xte, yte, epochs=30, lr=0.5, batch_size=1024)["top1"] < 80.0
 
 
 def test_extract_features_runs_in_eval_mode_and_restores_mode():
