@@ -43,13 +43,13 @@ from instdisc_lite.data import set_epoch  # noqa: E402
 from instdisc_lite.nce import NCE  # noqa: E402
 from instdisc_lite.train import Run, build_run, evaluate_bank, learning_rate  # noqa: E402
 
-# The trial run that diverged: a plain small CNN, NCE with m = 4096 per-image negatives, tau = 0.07, lr 0.03.
+# The trial run that diverged: a plain small CNN, NCE with m = 4096 negatives, tau = 0.07, lr 0.03.
 # A 10k-image subset keeps it to minutes; h depends on Z / n, so the dynamics do not depend on n.
 DEFAULTS = {
     "arch": "small_cnn",
     "objective": "nce",
     "num_negatives": 4096,
-    "shared_negatives": False,
+    "shared_negatives": True,  # same Z dynamics as per-image noise, a fraction of the cost
     "temperature": 0.07,
     "lr": 0.03,
     "warmup_epochs": 0,

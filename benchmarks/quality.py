@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
         "knn_top1": figures,
         "knn": {"k": K, "temperature": TAU, "train_images": len(train_set), "test_images": len(test_set)},
         "wall_s": {"train": round(t_train, 1), "train_and_eval": round(wall, 1)},
+        # CPU seconds this process used for training + evaluation: with other jobs on the machine, the wall
+        # time overstates the cost; cpu_s / torch_threads is about the wall time on an otherwise idle machine
+        "cpu_s_train_and_eval": round(own1 - own0, 1),
         "others_cpu_cores_during_run": None if others is None else round(others, 2),
         "epochs": run.metrics,
         "config": config.to_dict(),

@@ -36,7 +36,7 @@ class TrainConfig:
     crop_scale: float = 0.2  # smallest RandomResizedCrop area fraction (paper: 0.2)
     num_workers: int = 2
     # encoder
-    arch: str = "resnet18_cifar"  # small_cnn | resnet18_cifar | resnet18 | resnet50
+    arch: str = "resnet18_cifar"  # small_cnn | small_cnn_fast | resnet18_cifar | resnet18 | resnet50
     low_dim: int = 128
     # objective
     objective: str = "nce"  # nce | softmax (non-parametric) | parametric
@@ -47,6 +47,9 @@ class TrainConfig:
     z_momentum: float = 0.99
     proximal: float = 0.0  # lambda of the proximal term; 0 = off (official code)
     bank_momentum: float = 0.5
+    # random (official code) | features: fill the bank with the untrained encoder's features of the un-augmented
+    # images before the first step, so the first epoch's positives are not random vectors (short runs)
+    bank_init: str = "random"
     # optimisation: SGD with steps x lr_gamma at lr_milestones (fractions of the epochs: 120/200, 160/200)
     epochs: int = 200
     batch_size: int = 128

@@ -3,6 +3,7 @@
 * ``resnet18_cifar``: ResNet18 with a 3x3 stride-1 stem and no max-pool, the paper's CIFAR network.
 * ``resnet18`` / ``resnet50``: torchvision ResNets with the final fc replaced by ``fc -> low_dim``.
 * ``small_cnn``: a four-layer CNN for 28x28 / 32x32 images that trains in minutes on a CPU.
+* ``small_cnn_fast``: the same with a stride-2 stem, about twice as fast (the CPU quick config).
 """
 
 from __future__ import annotations
@@ -35,14 +36,19 @@ def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
     )
 
 
-def small_cnn(low_dim: int = 128, in_channels: int = 1, width: int = 32) -> Encoder:
-    """Four conv-BN-ReLU layers (widths w, 2w, 4w, 8w; three stride-2), global average pool, fc."""
+def small_cnn(low_dim: int = 128, in_channels: int = 1, width: int = 32, stem_stride: int = 1) -> Encoder:
+    """Four conv-BN-ReLU layers (widths w, 2w, 4w, 8w; three stride-2), global average pool, fc.
+
+    ``stem_stride=2`` downsamples in the first layer instead of the last (strides 2, 2, 2, 1): the same
+    weights on a quarter of the positions in the first three layers, about 2x faster on a CPU.
+    """
     w = width
+    strides = (1, 2, 2, 2) if stem_stride == 1 else (stem_stride, 2, 2, 1)
     backbone = nn.Sequential(
-        _conv_bn(in_channels, w, 1),
-        _conv_bn(w, 2 * w, 2),
-        _conv_bn(2 * w, 4 * w, 2),
-        _conv_bn(4 * w, 8 * w, 2),
+        _conv_bn(in_channels, w, strides[0]),
+        _conv_bn(w, 2 * w, strides[1]),
+        _conv_bn(2 * w, 4 * w, strides[2]),
+        _conv_bn(4 * w, 8 * w, strides[3]),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(8 * w, low_dim),
@@ -75,8 +81,14 @@ def resnet18_cifar(low_dim: int = 128, in_channels: int = 3) -> Encoder:
     return Encoder(net, low_dim)
 
 
+def small_cnn_fast(low_dim: int = 128, in_channels: int = 1) -> Encoder:
+    """``small_cnn`` with a stride-2 stem (strides 2, 2, 2, 1): the CPU quick config's encoder."""
+    return small_cnn(low_dim, in_channels, stem_stride=2)
+
+
 ARCHITECTURES: dict[str, Callable[..., Encoder]] = {
     "small_cnn": small_cnn,
+    "small_cnn_fast": small_cnn_fast,
     "resnet18_cifar": resnet18_cifar,
     "resnet18": resnet18,
     "resnet50": resnet50,

@@ -131,7 +131,27 @@ def build_run(config: TrainConfig, device: torch.device | None = None) -> Run:
         model = torch.compile(model)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     run_dir = Path(config.out_dir) / config.name
-    return Run(config, device, data, model, bank, objective, optimizer, scaler, run_dir)
+    run = Run(config, device, data, model, bank, objective, optimizer, scaler, run_dir)
+    if config.bank_init == "features":
+        bank.fill(initial_features(run))
+    elif config.bank_init != "random":
+        raise ValueError(f"unknown bank_init {config.bank_init!r}; choose random or features")
+    return run
+
+
+@torch.no_grad()
+def initial_features(run: Run) -> torch.Tensor:
+    """Features of every un-augmented training image, in train mode (batch-statistics BN, as the training steps
+    see them); the BN running statistics are restored afterwards, so the run's state is as before."""
+    saved = {k: v.clone() for k, v in run.encoder.state_dict().items()}
+    was_training = run.encoder.training
+    run.encoder.train()
+    feats = [
+        run.encoder(run.data.eval_transform(images.to(run.device))).float() for images, *_ in run.data.train_eval_loader
+    ]
+    run.encoder.load_state_dict(saved)
+    run.encoder.train(was_training)
+    return torch.cat(feats)
 
 
 def _objective_state(objective: nn.Module) -> dict[str, Any]:
@@ -344,6 +364,6 @@ def lr_schedule(config: TrainConfig) -> list[float]:
 
 __all__ = [
     "NonFiniteLossError", "Run", "RunExistsError", "build_objective", "build_run", "evaluate_bank",
-    "evaluate_final", "learning_rate", "load_run_checkpoint", "lr_schedule", "save_run_checkpoint",
+    "evaluate_final", "initial_features", "learning_rate", "load_run_checkpoint", "lr_schedule", "save_run_checkpoint",
     "select_device", "train", "train_one_epoch",
 ]  # fmt: skip
