@@ -14,7 +14,7 @@ the positives, the fraction of noise samples with h > 0.5, the pull ``1 - h_pos`
 feature; after each epoch, the kNN top-1 of the test features against the bank and the mean cosine similarity
 of random bank pairs (how concentrated the features are).
 
-    python benchmarks/fixed_z.py                                  # ~5 min on 2 CPU cores
+    python benchmarks/fixed_z.py                                  # a few minutes on 2 idle CPU cores
     python benchmarks/fixed_z.py --set temperature=0.1 --out results/fixed_z_tau0.1.json
 
 Writes ``results/fixed_z.json`` (per-epoch summaries, the per-step trace and provenance).
@@ -51,6 +51,9 @@ DEFAULTS = {
     "num_negatives": 4096,
     "shared_negatives": True,  # same Z dynamics as per-image noise, a fraction of the cost
     "temperature": 0.07,
+    "bank_init": "random",
+    "crop_scale": 0.2,
+    "eval_every": 1,
     "lr": 0.03,
     "warmup_epochs": 0,
     "train_subset": 10000,

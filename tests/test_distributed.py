@@ -54,7 +54,7 @@ def test_torchrun_training_keeps_replicas_identical(tmp_path):
         "from instdisc_lite.train import train\n"
         "from instdisc_lite import distributed\n"
         "run = train('fashion_mnist_quick', overrides=dict(train_subset=512, eval_subset=200, epochs=1,\n"
-        "    batch_size=64, out_dir=sys.argv[1], progress=False, num_negatives=256),\n"
+        "    batch_size=64, out_dir=sys.argv[1], progress=False, num_negatives=256, objective='nce'),\n"
         "    overwrite=True, final_eval=False)\n"
         "torch.save({'bank': run.bank.memory, 'w': next(run.encoder.parameters()).detach(), 'z': run.objective.z},\n"
         "           f'{sys.argv[1]}/rank{distributed.rank()}.pt')\n"

@@ -26,6 +26,7 @@ def quick(tmp_path, **overrides) -> dict:
         eval_subset=200,
         batch_size=64,
         max_steps_per_epoch=3,
+        objective="nce",  # these tests check NCE's Z too (the quick config itself trains with the softmax)
         num_negatives=512,
         knn_k=20,
         progress=False,
