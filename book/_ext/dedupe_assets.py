@@ -30,5 +30,6 @@ def _dedupe(app, pagename, templatename, context, doctree) -> None:
 
 
 def setup(app):
-    app.connect("html-page-context", _dedupe, priority=900)
+    # early: html-page-context stops at the first handler that returns a template name
+    app.connect("html-page-context", _dedupe, priority=100)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
