@@ -10,8 +10,10 @@ from __future__ import annotations
 
 
 def _key(asset) -> tuple:
+    # the two copies differ only in how "no file" is spelled (None in one, "" in the other)
+    filename = getattr(asset, "filename", asset) or ""
     attributes = getattr(asset, "attributes", {}) or {}
-    return str(asset), getattr(asset, "filename", None), tuple(sorted((k, str(v)) for k, v in attributes.items()))
+    return str(filename), tuple(sorted((k, str(v)) for k, v in attributes.items()))
 
 
 def _dedupe(app, pagename, templatename, context, doctree) -> None:
