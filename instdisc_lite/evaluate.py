@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: no ipywidgets needed, no warning on the book pages
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: no ipywidgets needed, no warning on the book pages
 
 from . import distributed
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
