@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install install-data run test test-unit lint bench
+.PHONY: install install-data run quick test test-unit lint bench
 
 # torch/torchvision pinned to the releases that pip takes from this machine's disk (CPU here, CUDA on a GPU box).
 install: install-data
@@ -16,19 +16,29 @@ install-data:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
-# The main job: train the quick config on Fashion-MNIST and print its evaluation.
-run: install
+# The main job: build the book (quick mode on CPU, full mode on a GPU) into _build/html/.
+run: install book-deps
+	$(MAKE) book
+	@echo "The book is in $(CURDIR)/_build/html/index.html"
+
+# Train the quick config on Fashion-MNIST (CPU, minutes) and print its evaluation.
+quick: install
 	$(PYTHON) -m instdisc_lite train --config fashion_mnist_quick --overwrite
 
-test: install
+# Everything CI checks: unit tests, every chapter under nbval (quick mode on CPU), the book build (warnings fail it)
+# and the rendered-book check in headless chromium.
+test: install book-deps
 	$(MAKE) test-unit
+	$(MAKE) book-nbval
+	$(MAKE) book
+	$(MAKE) book-check
 
 test-unit:
 	$(PYTHON) -m pytest -q tests
 
 lint:
-	ruff check instdisc_lite tests benchmarks
-	ruff format --check instdisc_lite tests benchmarks
+	ruff check instdisc_lite tests benchmarks tools book/_ext
+	ruff format --check instdisc_lite tests benchmarks tools book/_ext
 
 bench:
 	$(PYTHON) benchmarks/objectives.py
