@@ -45,7 +45,12 @@ def test_paper_defaults_in_gpu_configs():
     for name in ("cifar10_resnet18", "imagenet_resnet50", "imagenet_resnet18"):
         c = load_config(name)
         assert (c.objective, c.num_negatives, c.temperature, c.bank_momentum, c.lr, c.epochs) == (
-            "nce", 4096, 0.07, 0.5, 0.03, 200
+            "nce",
+            4096,
+            0.07,
+            0.5,
+            0.03,
+            200,
         )
         # CIFAR-10 runs NCE with a running Z (a fixed one goes stale on 10-class data: benchmarks/fixed_z.py)
         assert c.low_dim == 128 and c.z_mode == ("running" if name == "cifar10_resnet18" else "fixed")

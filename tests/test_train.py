@@ -29,6 +29,7 @@ def quick(tmp_path, **overrides) -> dict:
         objective="nce",  # these tests check NCE's Z too (the quick config itself trains with the softmax)
         num_negatives=512,
         knn_k=20,
+        eval_every=1,  # the kNN monitor every epoch (the quick config itself evaluates every 10)
         progress=False,
         device="cpu",
         epochs=1,
@@ -217,7 +218,7 @@ def test_short_fashion_mnist_run_learns_instance_discrimination(tmp_path, fashio
     n = 256
     overrides = quick(
         tmp_path, name="instances", train_subset=n, epochs=12, batch_size=64, max_steps_per_epoch=None,
-        objective="softmax", augment="none", eval_every=12, lr_milestones=[1.0],
+        objective="softmax", augment="none", eval_every=12, lr_milestones=[1.0], bank_init="random",
     )  # fmt: skip
     run = train("fashion_mnist_quick", overrides, final_eval=False)
     losses = [row["loss"] for row in run.metrics]
