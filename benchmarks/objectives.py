@@ -44,8 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):  # run from a checkout without installing the package
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from quality import cpu_model  # noqa: E402  (one definition, shared by the benchmarks)
 
 import instdisc_lite  # noqa: E402
 from instdisc_lite.memory_bank import MemoryBank  # noqa: E402
@@ -115,16 +118,6 @@ def _run(cmd: list[str]) -> str | None:
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def provenance(device: torch.device, argv: list[str]) -> dict:
