@@ -7,7 +7,7 @@ close to f and the true ``Z`` grows by orders of magnitude. With the stale Z, ``
 the close noise samples: their ``h`` saturates towards 1 and each pushes with ``h / tau``. The positive's pull
 ``(1 - h) / tau`` stays near full strength (measured: h of the positives stays small), but the summed push of the
 noise outweighs it by two to three orders of magnitude: the loss is dominated by repulsion from the dataset's
-dense regions, gradients grow, and the features bunch together instead of spreading.
+dense regions and the feature gradients grow by orders of magnitude over a run with a running Z.
 
 This script trains the same run twice, ``z_mode=fixed`` and ``z_mode=running`` (everything else equal, same
 seed), and records every ``--stat-every`` steps: the Z in use, the batch's own estimate (eq. 7), the mean h of
