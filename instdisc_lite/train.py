@@ -110,8 +110,12 @@ class Run:
         return self.model.module if hasattr(self.model, "module") else self.model
 
 
-def build_run(config: TrainConfig, device: torch.device | None = None) -> Run:
-    """Seed, then build data, encoder, bank, objective and optimiser for ``config``."""
+def build_run(config: TrainConfig, device: torch.device | None = None, init_bank: bool = True) -> Run:
+    """Seed, then build data, encoder, bank, objective and optimiser for ``config``.
+
+    ``init_bank=False`` skips ``bank_init: features`` (a pass over the whole training set) when a
+    checkpoint's bank is about to replace it anyway, as on resume.
+    """
     device = device or distributed.init_from_env() or select_device(config.device)
     torch.manual_seed(config.seed)
     data = build_data(config, device)
@@ -132,10 +136,10 @@ def build_run(config: TrainConfig, device: torch.device | None = None) -> Run:
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     run_dir = Path(config.out_dir) / config.name
     run = Run(config, device, data, model, bank, objective, optimizer, scaler, run_dir)
-    if config.bank_init == "features":
-        bank.fill(initial_features(run))
-    elif config.bank_init != "random":
+    if config.bank_init not in ("random", "features"):
         raise ValueError(f"unknown bank_init {config.bank_init!r}; choose random or features")
+    if config.bank_init == "features" and init_bank:  # skipped on resume: the checkpoint's bank replaces it
+        bank.fill(initial_features(run))
     return run
 
 
@@ -310,7 +314,7 @@ def train(
 
         extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
         config = config_from_dict({**config.to_dict(), **extra})
-    run = build_run(config)
+    run = build_run(config, init_bank=not resume)
     ckpt = run.run_dir / "checkpoint.pt"
     if resume:
         load_run_checkpoint(run)
