@@ -25,11 +25,12 @@ run: install book-deps
 quick: install
 	$(PYTHON) -m instdisc_lite train --config fashion_mnist_quick --overwrite
 
-# Everything CI checks: unit tests, every chapter under nbval (quick mode on CPU), the book build (warnings fail it)
-# and the rendered-book check in headless chromium.
+# Everything CI checks: unit tests, every chapter under nbval (quick mode on CPU), every chapter's full-mode code path
+# on generated CIFAR-10 (book-smoke), the book build (warnings fail it) and the rendered-book check in headless chromium.
 test: install book-deps
 	$(MAKE) test-unit
 	$(MAKE) book-nbval
+	$(MAKE) book-smoke
 	$(MAKE) book
 	$(MAKE) book-check
 
@@ -48,6 +49,7 @@ bench:
 # The book (Jupyter Book 1; _config.yml, _toc.yml, book/). Chapter conventions: CONTRIBUTING.md.
 #   make book        execute every notebook from scratch and build _build/html (warnings fail the build)
 #   make book-nbval  run the notebooks as tests (nbval, outputs not compared)
+#   make book-smoke  run every chapter's full-mode path on this CPU: generated CIFAR-10, training capped (minutes)
 #   make book-check  open every built page in headless chromium: math typeset, images loaded, Colab links, no network
 #   make strip       remove outputs / execution counts from book/*.ipynb before committing
 #   make mathjax     copy MathJax 3 from npm into book/_static/mathjax (the pages load no CDN)
@@ -56,7 +58,7 @@ bench:
 INSTDISC_BOOK_MODE ?= auto
 export INSTDISC_BOOK_MODE
 
-.PHONY: book-deps mathjax book book-nbval book-check strip
+.PHONY: book-deps mathjax book book-nbval book-smoke book-check strip
 
 book-deps:
 	PYTHON=$(PYTHON) tools/install_book_deps.sh
@@ -71,6 +73,10 @@ book: mathjax
 
 book-nbval:
 	$(PYTHON) -m pytest -q --nbval-lax --nbval-cell-timeout=600 book/
+
+# Full mode's code path (CIFAR-10 configs, ResNet18, every full-mode branch) on a CPU; see tools/book_smoke.py.
+book-smoke:
+	$(PYTHON) tools/book_smoke.py
 
 book-check:
 	INSTDISC_REQUIRE_BROWSER=1 $(PYTHON) -m pytest -q tests/book/test_rendered_book.py

@@ -4,6 +4,11 @@
 chapter on a CPU), ``full`` (paper-scale data and epochs) or ``auto`` (the default: full when a GPU
 is present, quick otherwise). Every chapter calls :func:`book_mode` once and prints what it chose, so
 the reader always knows which mode produced the figures on the page.
+
+``INSTDISC_BOOK_SMOKE=1`` (with full mode) is CI's check of the full-mode code path on a CPU: every chapter
+runs its full-mode cells (CIFAR-10 configs, ResNet18, the full-mode branches) on a small generated CIFAR-10,
+with each training run capped by :meth:`BookMode.capped` to :data:`SMOKE_CAP` and the claims about learning
+skipped, since two epochs on random images prove nothing. Readers never set it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from .train import select_device
 
 T = TypeVar("T")
 MODES = ("quick", "full", "auto")
+# A smoke run's cap on every training run's config overrides: two epochs of one batch of the paper's 128 (two, so
+# that per-epoch quantities such as the bank's change between epochs exist).
+SMOKE_CAP: dict[str, Any] = {"epochs": 2, "train_subset": 128, "eval_subset": 100}
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,7 @@ class BookMode:
     name: str  # "quick" or "full"
     device: torch.device
     on_colab: bool
+    smoke: bool = False  # CI's capped run of full mode on a CPU (INSTDISC_BOOK_SMOKE=1)
 
     @property
     def quick(self) -> bool:
@@ -37,24 +46,44 @@ class BookMode:
         """The value for this mode: ``MODE.pick(quick=2, full=200)``."""
         return quick if self.quick else full
 
+    def capped(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """``overrides`` for a training run, unchanged except in a smoke run, where :data:`SMOKE_CAP` bounds them."""
+        if not self.smoke:
+            return overrides
+        capped = dict(overrides)
+        for key, limit in SMOKE_CAP.items():
+            capped[key] = min(capped.get(key) or limit, limit)  # absent or None (all data) -> the cap
+        return capped
+
     def __str__(self) -> str:
         where = "Colab" if self.on_colab else "local"
-        return f"{self.name} mode on {self.device} ({where})"
+        smoke = ", smoke run: training capped, claims skipped" if self.smoke else ""
+        return f"{self.name} mode on {self.device} ({where}{smoke})"
 
 
 def on_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-def book_mode(mode: str | None = None) -> BookMode:
-    """Resolve the mode from ``mode`` or ``$INSTDISC_BOOK_MODE`` (quick | full | auto)."""
+def book_mode(mode: str | None = None, smoke: bool | None = None) -> BookMode:
+    """Resolve the mode from ``mode`` or ``$INSTDISC_BOOK_MODE`` (quick | full | auto).
+
+    ``smoke`` (default: ``$INSTDISC_BOOK_SMOKE`` is ``1``) asks for CI's capped run of full mode.
+    """
     name = (mode or os.environ.get("INSTDISC_BOOK_MODE", "auto")).lower()
     if name not in MODES:
         raise ValueError(f"INSTDISC_BOOK_MODE must be one of {', '.join(MODES)}, got {name!r}")
+    if smoke is None:
+        flag = os.environ.get("INSTDISC_BOOK_SMOKE", "0")
+        if flag not in ("0", "1", ""):
+            raise ValueError(f"INSTDISC_BOOK_SMOKE must be 0 or 1, got {flag!r}")
+        smoke = flag == "1"
     device = select_device("auto")
     if name == "auto":
         name = "full" if device.type == "cuda" else "quick"
-    return BookMode(name=name, device=device, on_colab=on_colab())
+    if smoke and name != "full":
+        raise ValueError("INSTDISC_BOOK_SMOKE=1 checks full mode's code path; set INSTDISC_BOOK_MODE=full with it")
+    return BookMode(name=name, device=device, on_colab=on_colab(), smoke=smoke)
 
 
 def paper_results() -> dict[str, Any]:

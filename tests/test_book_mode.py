@@ -1,0 +1,57 @@
+"""The book's mode switch (instdisc_lite.book): quick | full | auto, and CI's smoke run of full mode."""
+
+from __future__ import annotations
+
+import pytest
+
+from instdisc_lite.book import SMOKE_CAP, book_mode
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("INSTDISC_BOOK_MODE", raising=False)
+    monkeypatch.delenv("INSTDISC_BOOK_SMOKE", raising=False)
+
+
+def test_auto_is_quick_without_a_gpu(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    mode = book_mode()
+    assert (mode.name, mode.quick, mode.smoke) == ("quick", True, False)
+    assert mode.pick(quick=1, full=2) == 1
+
+
+def test_environment_chooses_full(monkeypatch):
+    monkeypatch.setenv("INSTDISC_BOOK_MODE", "FULL")
+    mode = book_mode()
+    assert mode.name == "full" and mode.pick(quick=1, full=2) == 2
+
+
+def test_unknown_mode_names_the_valid_ones(monkeypatch):
+    monkeypatch.setenv("INSTDISC_BOOK_MODE", "fast")
+    with pytest.raises(ValueError, match="quick, full, auto"):
+        book_mode()
+
+
+def test_capped_is_identity_outside_a_smoke_run():
+    sizes = {"epochs": 200, "train_subset": None, "lr": 0.03}
+    assert book_mode("full").capped(sizes) == sizes
+
+
+def test_smoke_run_caps_every_training_run(monkeypatch):
+    monkeypatch.setenv("INSTDISC_BOOK_SMOKE", "1")
+    mode = book_mode("full")
+    assert mode.smoke and not mode.quick and "smoke" in str(mode)
+    sizes = {"epochs": 200, "train_subset": None, "lr": 0.03}
+    capped = mode.capped(sizes)
+    assert capped == {**SMOKE_CAP, "lr": 0.03}, "every cap applies, other keys pass through"
+    assert sizes["epochs"] == 200, "the caller's dict must not be modified"
+    assert mode.capped({"epochs": 1})["epochs"] == 1, "a smaller value is kept"
+
+
+def test_smoke_run_needs_full_mode(monkeypatch):
+    monkeypatch.setenv("INSTDISC_BOOK_SMOKE", "1")
+    with pytest.raises(ValueError, match="INSTDISC_BOOK_MODE=full"):
+        book_mode("quick")
+    monkeypatch.setenv("INSTDISC_BOOK_SMOKE", "yes")
+    with pytest.raises(ValueError, match="0 or 1"):
+        book_mode("full")
