@@ -17,11 +17,13 @@ import os
 import sys
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import yaml
 
+from .config import TrainConfig, load_config
 from .train import select_device
 
 T = TypeVar("T")
@@ -59,6 +61,34 @@ class BookMode:
         where = "Colab" if self.on_colab else "local"
         smoke = ", smoke run: training capped, claims skipped" if self.smoke else ""
         return f"{self.name} mode on {self.device} ({where}{smoke})"
+
+
+# Training images of each dataset (the default of a config without train_subset).
+TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "imagenet": 1_281_167}
+
+
+def shortened(base: TrainConfig, images: int, **sizes: Any) -> dict[str, Any]:
+    """Overrides that train ``base`` on its first ``images`` training images, plus ``sizes`` (epochs, ...).
+
+    NCE's noise samples are cut in proportion, so the ratio m/n of noise samples to bank entries stays that of
+    ``base``: the posterior h = P(i|v) / (P(i|v) + m/n) of eq. (5) weighs model against noise through m/n.
+    """
+    n_all = base.train_subset or TRAIN_IMAGES[base.dataset]
+    n = min(n_all, images)
+    return {"train_subset": n, "num_negatives": max(1, round(base.num_negatives * n / n_all)), **sizes}
+
+
+def training_run_config(mode: BookMode, out_dir: str | Path) -> TrainConfig:
+    """The run chapter 5 trains and chapter 6 evaluates (the same config, so chapter 6 can reuse its checkpoint).
+
+    Quick mode: ``fashion_mnist_quick`` on 8,000 images for 6 epochs (about a minute on two cores). Full mode:
+    ``cifar10_resnet18`` as shipped, the paper's 200 epochs.
+    """
+    name = mode.pick(quick="fashion_mnist_quick", full="cifar10_resnet18")
+    base = load_config(name)
+    sizes = shortened(base, 8000, epochs=min(base.epochs, 6), eval_subset=2000) if mode.quick else {}
+    overrides = {**mode.capped(sizes), "name": f"ch5_{base.dataset}", "out_dir": str(out_dir), "progress": False}
+    return load_config(name, overrides)
 
 
 def on_colab() -> bool:

@@ -34,7 +34,7 @@ class TrainConfig:
     train_subset: int | None = None  # train on the first N images (a quick setting); None = all
     augment: str = "paper"  # paper | none
     crop_scale: float = 0.2  # smallest RandomResizedCrop area fraction (paper: 0.2)
-    num_workers: int = 2
+    num_workers: int = 2  # loader processes, at most the CPUs available
     # encoder
     arch: str = "resnet18_cifar"  # small_cnn | small_cnn_fast | resnet18_cifar | resnet18 | resnet50
     low_dim: int = 128

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,6 +334,14 @@ def set_epoch(loader, epoch: int, seed: int) -> None:
         loader.generator.manual_seed(seed * 100003 + epoch)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS tells, e.g. a container's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, num_workers: int, seed: int, pin: bool):
     from . import distributed
 
@@ -358,7 +367,8 @@ def build_data(config, device: torch.device | str = "cpu") -> DataBundle:
     from . import distributed
 
     pin = torch.device(device).type == "cuda"
-    nw, bs, seed = config.num_workers, config.batch_size, config.seed
+    # more loader processes than CPUs only compete with the training step (Colab has 2 cores, configs ask for 4)
+    nw, bs, seed = min(config.num_workers, available_cpus()), config.batch_size, config.seed
     if config.dataset == "fashion_mnist":
         train = FashionMNIST(config.data_root, train=True)
         test = FashionMNIST(config.data_root, train=False)

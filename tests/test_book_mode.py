@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from instdisc_lite.book import SMOKE_CAP, book_mode
+from instdisc_lite import load_config
+from instdisc_lite.book import SMOKE_CAP, book_mode, shortened, training_run_config
 
 
 @pytest.fixture(autouse=True)
@@ -55,3 +56,27 @@ def test_smoke_run_needs_full_mode(monkeypatch):
     monkeypatch.setenv("INSTDISC_BOOK_SMOKE", "yes")
     with pytest.raises(ValueError, match="0 or 1"):
         book_mode("full")
+
+
+def test_shortened_keeps_the_noise_ratio():
+    base = load_config("cifar10_resnet18")  # all 50,000 images, m = 4096
+    sizes = shortened(base, 5000, epochs=3)
+    assert sizes == {"train_subset": 5000, "num_negatives": 410, "epochs": 3}
+    quick = load_config("fashion_mnist_quick")  # already a subset: the ratio is taken against it
+    sizes = shortened(quick, 2 * quick.train_subset)
+    assert sizes["train_subset"] == quick.train_subset and sizes["num_negatives"] == quick.num_negatives
+    assert shortened(base, 1)["num_negatives"] == 1, "at least one noise sample"
+
+
+def test_training_run_config_per_mode(monkeypatch, tmp_path):
+    quick = training_run_config(book_mode("quick"), tmp_path)
+    assert (quick.dataset, quick.out_dir, quick.progress) == ("fashion_mnist", str(tmp_path), False)
+    assert quick.train_subset < load_config("fashion_mnist_quick").train_subset
+    full = training_run_config(book_mode("full"), tmp_path)
+    paper = load_config("cifar10_resnet18")
+    assert (full.dataset, full.epochs, full.train_subset, full.num_negatives) == ("cifar10", paper.epochs, None, 4096)
+    monkeypatch.setenv("INSTDISC_BOOK_SMOKE", "1")
+    smoke = training_run_config(book_mode("full"), tmp_path)
+    assert (smoke.epochs, smoke.train_subset, smoke.eval_subset) == tuple(
+        SMOKE_CAP[k] for k in ("epochs", "train_subset", "eval_subset")
+    )

@@ -13,7 +13,7 @@ from torchvision import transforms as T
 
 import instdisc_lite
 from instdisc_lite import BatchAugment, DatasetNotFoundError, FashionMNIST
-from instdisc_lite.data import CIFAR10Instance, TensorBatchLoader, imagenet_split, read_idx
+from instdisc_lite.data import CIFAR10Instance, TensorBatchLoader, build_data, imagenet_split, read_idx
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -116,6 +116,15 @@ def test_cifar10_instance_returns_image_label_index(tiny_cifar10):
         torch.testing.assert_close(image, expected)
     image, label, index = test[3]
     assert (index, label) == (3, tiny_cifar10["test_labels"][3]) and image.shape == (3, 32, 32)
+
+
+def test_loader_workers_capped_at_available_cpus(tiny_cifar10, monkeypatch):
+    monkeypatch.setattr("instdisc_lite.data.available_cpus", lambda: 2)
+    config = instdisc_lite.TrainConfig(dataset="cifar10", data_root=str(tiny_cifar10["root"]), num_workers=8)
+    bundle = build_data(config)
+    assert {bundle.train_loader.num_workers, bundle.test_loader.num_workers} == {2}
+    config = instdisc_lite.TrainConfig(dataset="cifar10", data_root=str(tiny_cifar10["root"]), num_workers=0)
+    assert build_data(config).train_loader.num_workers == 0
 
 
 def test_imagenet_split_returns_image_label_index(tiny_imagenet):
