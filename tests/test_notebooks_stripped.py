@@ -11,17 +11,21 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
-BOOK = Path(__file__).resolve().parent.parent / "book"
+ROOT = Path(__file__).resolve().parent.parent
+BOOK = ROOT / "book"
 NOTEBOOKS = sorted(BOOK.glob("*.ipynb"))
+# The repository the Colab buttons open (_config.yml) is the one the install cell installs from.
+REPOSITORY = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
 
-INSTALL_CELL = """\
+INSTALL_CELL = f"""\
 # On Colab, install instdisc_lite and the book's extras; elsewhere it is already installed.
 import sys
 if "google.colab" in sys.modules:
     import subprocess
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "instdisc_lite[book] @ git+https://github.com/instdisc-lite/instdisc_lite"], check=True)"""
+                    "instdisc_lite[book] @ git+{REPOSITORY}"], check=True)"""
 
 
 def test_book_has_notebooks():
