@@ -54,7 +54,8 @@ class BookMode:
             return overrides
         capped = dict(overrides)
         for key, limit in SMOKE_CAP.items():
-            capped[key] = min(capped.get(key) or limit, limit)  # absent or None (all data) -> the cap
+            value = capped.get(key)  # absent or None (all the data) -> the cap
+            capped[key] = limit if value is None else min(value, limit)
         return capped
 
     def __str__(self) -> str:

@@ -47,6 +47,7 @@ def test_smoke_run_caps_every_training_run(monkeypatch):
     assert capped == {**SMOKE_CAP, "lr": 0.03}, "every cap applies, other keys pass through"
     assert sizes["epochs"] == 200, "the caller's dict must not be modified"
     assert mode.capped({"epochs": 1})["epochs"] == 1, "a smaller value is kept"
+    assert mode.capped({"epochs": 0})["epochs"] == 0, "zero epochs (an untrained baseline) stays zero"
 
 
 def test_smoke_run_needs_full_mode(monkeypatch):
