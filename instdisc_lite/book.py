@@ -92,6 +92,15 @@ def training_run_config(mode: BookMode, out_dir: str | Path) -> TrainConfig:
     return load_config(name, overrides)
 
 
+def results_files(pattern: str) -> list[Path]:
+    """The repository's benchmark results matching ``pattern`` (e.g. ``"quality.json"``), sorted.
+
+    Chapters run from the repository root or from ``book/``, so ``results/`` is looked for in both places; an
+    installed package (on Colab) has none and gets an empty list.
+    """
+    return sorted(p for d in (Path("results"), Path("../results")) if d.is_dir() for p in d.glob(pattern))
+
+
 def on_colab() -> bool:
     return "google.colab" in sys.modules
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from instdisc_lite import load_config
-from instdisc_lite.book import SMOKE_CAP, book_mode, shortened, training_run_config
+from instdisc_lite.book import SMOKE_CAP, book_mode, results_files, shortened, training_run_config
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +81,17 @@ def test_training_run_config_per_mode(monkeypatch, tmp_path):
     assert (smoke.epochs, smoke.train_subset, smoke.eval_subset) == tuple(
         SMOKE_CAP[k] for k in ("epochs", "train_subset", "eval_subset")
     )
+
+
+def test_results_files_found_from_the_root_or_from_book(tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "book").mkdir()
+    for name in ("objectives_cpu.json", "quality.json", "objectives_cuda.json"):
+        (tmp_path / "results" / name).write_text("{}")
+    for cwd in (tmp_path, tmp_path / "book"):
+        monkeypatch.chdir(cwd)
+        found = [p.name for p in results_files("objectives_*.json")]
+        assert found == ["objectives_cpu.json", "objectives_cuda.json"]
+    (tmp_path / "book" / "deeper").mkdir()
+    monkeypatch.chdir(tmp_path / "book" / "deeper")  # neither results/ nor ../results/ here
+    assert results_files("quality.json") == []
