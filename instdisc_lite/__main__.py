@@ -1,12 +1,30 @@
-"""Command line: ``python -m instdisc_lite train --config NAME_OR_PATH [--set key=value ...]``."""
+"""Command line: ``python -m instdisc_lite train --config NAME_OR_PATH [--set key=value ...]``.
+
+Every expected failure (bad config, missing or corrupt data, a run that exists or is in use, a checkpoint that
+cannot be used, NaN, a full disk, Ctrl-C) prints one ``error:`` line that says what to do, and exits non-zero:
+2 for input the user can fix, 1 for a failure during training, 130 for an interruption.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
 from .config import ConfigError, TrainConfig, load_config, shipped_configs
+
+
+def _os_error_line(err: OSError) -> str:
+    where = f" {err.filename}" if err.filename else ""
+    what = err.strerror or str(err)
+    if err.errno == errno.ENOSPC:
+        fix = "free some space, then continue with --resume (the last checkpoint is intact)"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a writable directory (--set out_dir=...)"
+    else:
+        fix = "check the path, then continue with --resume (the last checkpoint is intact)"
+    return f"cannot write{where}: {what}; {fix}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--config", required=True, help=f"a shipped config ({', '.join(shipped_configs())}) or a YAML path")
     tr.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     tr.add_argument("--resume", action="store_true", help="continue runs/<name>/checkpoint.pt exactly")
-    tr.add_argument("--overwrite", action="store_true", help="start over even if runs/<name> has a checkpoint")
+    tr.add_argument("--overwrite", action="store_true", help="delete runs/<name> and start over")
     sub.add_parser("configs", help="list the shipped configs and the valid config keys")
     show = sub.add_parser("show", help="print a resolved config as YAML")
     show.add_argument("--config", required=True)
@@ -34,25 +52,40 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
-        from . import distributed
-        from .data import DatasetNotFoundError
-        from .train import NonFiniteLossError, RunExistsError, train
-
-        try:
-            run = train(config, resume=args.resume, overwrite=args.overwrite)
-            main_process = distributed.is_main_process()
-        except (DatasetNotFoundError, NonFiniteLossError, RunExistsError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        finally:
-            distributed.cleanup()
-        if not main_process:  # only rank 0 prints the result
-            return 0
+        return _train(config, args.resume, args.overwrite)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = {"run_dir": str(run.run_dir), **run.metrics[-1], **{f"final_{k}": v for k, v in run.final.items()}}
-    print(json.dumps(result, indent=2))
+
+
+def _train(config: TrainConfig, resume: bool, overwrite: bool) -> int:
+    from . import distributed
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
+    from .run_dir import RunExistsError, RunInUseError
+    from .train import NonFiniteLossError, TrainingInterrupted, train
+
+    try:
+        run = train(config, resume=resume, overwrite=overwrite)
+        main_process = distributed.is_main_process()
+    except (ConfigError, DatasetError, RunExistsError, RunInUseError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (TrainingInterrupted, KeyboardInterrupt) as err:
+        print(f"error: {err or 'interrupted; continue with --resume'}", file=sys.stderr)
+        return 130
+    except OSError as err:
+        print(f"error: {_os_error_line(err)}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.cleanup()
+    if not main_process:  # only rank 0 prints the result
+        return 0
+    final = {f"final_{k}": v for k, v in (run.final or {}).items()}
+    print(json.dumps({"run_dir": str(run.run_dir), **(run.metrics[-1] if run.metrics else {}), **final}, indent=2))
     return 0
 
 

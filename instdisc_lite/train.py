@@ -8,12 +8,14 @@ One step, as the paper describes it::
     bank.update(indices, features.detach())      # v_i <- normalise(m v_i + (1 - m) f_i)
 
 Everything else here is bookkeeping: building the pieces from a config, the learning-rate schedule,
-kNN monitoring on the bank, metrics, atomic checkpoints and exact resumption.
+kNN monitoring on the bank, metrics, atomic checkpoints and exact resumption. The run directory's rules
+(lock, no accidental overwrite, what a resume may change) are in :mod:`instdisc_lite.run_dir`.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +27,17 @@ from torch import nn
 from tqdm import tqdm  # plain text bars: no ipywidgets needed, no warning on the book pages
 
 from . import distributed
-from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
-from .config import TrainConfig, load_config, save_config
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temp_files,
+    rng_state,
+    set_rng_state,
+    strip_wrapper_prefixes,
+)
+from .config import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides, save_config
 from .data import DataBundle, build_data, set_epoch
 from .evaluate import extract_features, weighted_knn
 from .memory_bank import MemoryBank
@@ -34,27 +45,48 @@ from .models import build_encoder
 from .nce import NCE
 from .nonparametric import NonParametricSoftmax
 from .parametric import ParametricSoftmax
+from .run_dir import (
+    RunExistsError,
+    RunInUseError,
+    RunLock,
+    clear_for_overwrite,
+    is_nonempty_dir,
+    refuse_existing,
+    remove_replaced,
+    resume_changes,
+)
+from .schedule import learning_rate, lr_schedule
 
 OBJECTIVES = ("nce", "softmax", "parametric")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the message lists the usual causes and fixes."""
+    """The loss or the model's state became NaN or infinite; the message lists the usual causes and fixes."""
 
 
-class RunExistsError(FileExistsError):
-    """A run directory with a checkpoint already exists and neither resume nor overwrite was asked for."""
+class TrainingInterrupted(Exception):
+    """Ctrl-C (or SIGINT) during training; the message says which checkpoint is intact and how to continue."""
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then CPU; distributed runs use their local GPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """``auto`` picks CUDA, then Apple MPS, then CPU; a device that is asked for but absent is a ConfigError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ConfigError(
+                f"device={name!r} but torch sees {count} CUDA GPU(s) (torch {torch.__version__}); "
+                "use device=auto or device=cpu"
+            )
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device={name!r} but Apple MPS is not available here; use device=auto or device=cpu")
+    return device
 
 
 def build_objective(config: TrainConfig, bank: MemoryBank) -> nn.Module:
@@ -73,41 +105,42 @@ def build_objective(config: TrainConfig, bank: MemoryBank) -> nn.Module:
         return NonParametricSoftmax(bank, temperature=config.temperature, proximal=config.proximal)
     if config.objective == "parametric":
         return ParametricSoftmax(config.low_dim, bank.num_items)
-    raise ValueError(f"unknown objective {config.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
-
-
-def learning_rate(config: TrainConfig, epoch: float) -> float:
-    """The paper's step schedule scaled to ``config.epochs`` (x0.1 at 60 % and 80 %), after optional warm-up."""
-    if config.warmup_epochs > 0 and epoch < config.warmup_epochs:
-        return config.lr * (epoch + 1) / (config.warmup_epochs + 1)
-    drops = sum(epoch >= m * config.epochs for m in config.lr_milestones)
-    return config.lr * config.lr_gamma**drops
+    raise ConfigError(f"unknown objective {config.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
 
 
 @dataclass
 class Run:
-    """The pieces of a run, built from a config (used by :func:`train` and by the book)."""
+    """The pieces of a run, built from a config (used by :func:`train` and by the book).
+
+    ``encoder`` and ``objective`` are the plain modules (their state is what a checkpoint stores); ``model`` and
+    ``loss_fn`` are what a training step calls: the same modules, wrapped for several processes (DDP) or
+    ``torch.compile`` where the config asks for it.
+    """
 
     config: TrainConfig
     device: torch.device
     data: DataBundle
-    model: nn.Module
+    encoder: nn.Module
     bank: MemoryBank
     objective: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     run_dir: Path
+    model: nn.Module
+    loss_fn: nn.Module
     epoch: int = 0  # epochs completed
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint_epoch: int | None = None  # epoch of the newest checkpoint on disk (None: none written yet)
+    final: dict[str, float] | None = None  # final kNN with recomputed features, once the run has finished
 
     @property
     def amp(self) -> bool:
         return self.config.amp and self.device.type == "cuda"
 
-    @property
-    def encoder(self) -> nn.Module:
-        """The model without its DDP wrapper."""
-        return self.model.module if hasattr(self.model, "module") else self.model
+
+def _wrap_ddp(module: nn.Module, device: torch.device, **kwargs: Any) -> nn.Module:
+    ids = [device] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, **kwargs)
 
 
 def build_run(config: TrainConfig, device: torch.device | None = None, init_bank: bool = True) -> Run:
@@ -119,28 +152,39 @@ def build_run(config: TrainConfig, device: torch.device | None = None, init_bank
     device = device or distributed.init_from_env() or select_device(config.device)
     torch.manual_seed(config.seed)
     data = build_data(config, device)
-    model = build_encoder(config.arch, config.low_dim, data.in_channels).to(device)
+    encoder = build_encoder(config.arch, config.low_dim, data.in_channels).to(device)
+    if distributed.is_distributed() and config.sync_bn:
+        encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)  # same state-dict keys as BatchNorm
     if device.type == "cuda" and config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        encoder = encoder.to(memory_format=torch.channels_last)
     bank = MemoryBank(data.num_train, config.low_dim, config.bank_momentum).to(device)
     objective = build_objective(config, bank).to(device)
     data.train_augment.to(device)
     data.eval_transform.to(device)
-    params = list(model.parameters()) + list(objective.parameters())
+    params = list(encoder.parameters()) + list(objective.parameters())
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay)
+    model, loss_fn = encoder, objective
     if distributed.is_distributed():
         torch.manual_seed(config.seed + distributed.rank())  # own noise/augmentation per rank; DDP syncs weights
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        model = _wrap_ddp(encoder, device)
+        if any(p.requires_grad for p in objective.parameters()):  # the parametric classifier: its gradients too
+            loss_fn = _wrap_ddp(objective, device, broadcast_buffers=False)  # the bank is kept equal by its update
     if config.compile:
         model = torch.compile(model)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     run_dir = Path(config.out_dir) / config.name
-    run = Run(config, device, data, model, bank, objective, optimizer, scaler, run_dir)
-    if config.bank_init not in ("random", "features"):
-        raise ValueError(f"unknown bank_init {config.bank_init!r}; choose random or features")
+    run = Run(config, device, data, encoder, bank, objective, optimizer, scaler, run_dir, model, loss_fn)
     if config.bank_init == "features" and init_bank:  # skipped on resume: the checkpoint's bank replaces it
         bank.fill(initial_features(run))
     return run
+
+
+def _gather_rows(rows: torch.Tensor, indices: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Rows computed for ``indices`` on every rank, placed at those indices: ``(num_items, d)`` on every rank."""
+    rows, indices = distributed.all_gather_varlen(rows), distributed.all_gather_varlen(indices.to(rows.device))
+    out = torch.empty(num_items, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    out[indices] = rows
+    return out
 
 
 @torch.no_grad()
@@ -150,12 +194,18 @@ def initial_features(run: Run) -> torch.Tensor:
     saved = {k: v.clone() for k, v in run.encoder.state_dict().items()}
     was_training = run.encoder.training
     run.encoder.train()
-    feats = [
-        run.encoder(run.data.eval_transform(images.to(run.device))).float() for images, *_ in run.data.train_eval_loader
-    ]
+    feats, idx = [], []
+    for images, _, indices in run.data.train_eval_loader:
+        feats.append(run.encoder(run.data.eval_transform(images.to(run.device))).float())
+        idx.append(torch.as_tensor(indices, device=run.device))
     run.encoder.load_state_dict(saved)
     run.encoder.train(was_training)
-    return torch.cat(feats)
+    return _gather_rows(torch.cat(feats), torch.cat(idx), run.data.num_train)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
 
 
 def _objective_state(objective: nn.Module) -> dict[str, Any]:
@@ -163,60 +213,128 @@ def _objective_state(objective: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in objective.state_dict().items() if not k.startswith("bank.")}
 
 
-def save_run_checkpoint(run: Run, path: Path | None = None) -> Path:
-    path = path or run.run_dir / "checkpoint.pt"
-    state = {
-        "epoch": run.epoch,
-        "config": run.config.to_dict(),
-        "model": run.encoder.state_dict(),
-        "bank": run.bank.state_dict(),
-        "objective": _objective_state(run.objective),
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "rng": rng_state(),
-        "metrics": run.metrics,
-    }
-    atomic_save(state, path)
-    return path
+def _non_finite_state(run: Run) -> str | None:
+    """The name of the first NaN/inf parameter or buffer of the encoder, objective or bank (None if all finite)."""
+    named = [("encoder", run.encoder.state_dict()), ("objective", _objective_state(run.objective)),
+             ("bank", {"memory": run.bank.memory})]  # fmt: skip
+    for owner, state in named:
+        for key, tensor in state.items():
+            if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return f"{owner}.{key}"
+    return None
 
 
-def load_run_checkpoint(run: Run, path: Path | None = None) -> None:
-    state = load_checkpoint(path or run.run_dir / "checkpoint.pt", map_location=run.device)
-    run.encoder.load_state_dict(state["model"])
-    run.bank.load_state_dict(state["bank"])
-    missing, unexpected = run.objective.load_state_dict(state["objective"], strict=False)
-    if unexpected or any(not k.startswith("bank.") for k in missing):
-        raise RuntimeError(
-            f"checkpoint objective does not match the config: missing {missing}, unexpected {unexpected}"
-        )
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    run.epoch = state["epoch"]
-    run.metrics = list(state["metrics"])
-
-
-def _check_finite(loss: torch.Tensor, config: TrainConfig, epoch: int, step: int) -> None:
-    if torch.isfinite(loss).item():
-        return
-    hint = [
-        f"lower the learning rate (lr={config.lr})",
-        "clip or warm up (warmup_epochs)",
-    ]
+def _fixes(config: TrainConfig) -> str:
+    hint = [f"lower the learning rate (lr={config.lr})", "clip or warm up (warmup_epochs)"]
     if config.objective == "nce" and config.z_mode == "fixed":
         hint.insert(0, "use z_mode=running: a Z fixed from the first batch goes stale as features concentrate")
     if config.temperature < 0.05:
         hint.append(f"raise the temperature (tau={config.temperature})")
+    return "; ".join(hint)
+
+
+def _last_good(run: Run) -> str:
+    if run.checkpoint_epoch is None:
+        return "No checkpoint had been written yet."
+    return f"The last good checkpoint (epoch {run.checkpoint_epoch}) is untouched."
+
+
+def check_state_finite(run: Run) -> None:
+    """Raise :class:`NonFiniteLossError` on every rank if any rank's state holds NaN/inf (checked before a save,
+    so a checkpoint is never poisoned by, say, infinite BatchNorm statistics)."""
+    bad = _non_finite_state(run)
+    if distributed.any_rank(bad is not None):
+        where = bad or "another rank's state"
+        raise NonFiniteLossError(
+            f"{where} became NaN or infinite by the end of epoch {run.epoch} of run {run.config.name!r}, "
+            f"so it was not saved. Try: {_fixes(run.config)}. {_last_good(run)}"
+        )
+
+
+def save_run_checkpoint(run: Run, path: Path | None = None) -> Path:
+    """Write the run's whole state atomically (rank 0 writes; every rank must call it: the RNG states of all ranks
+    are gathered, so a resumed multi-process run gives each rank its own stream back)."""
+    path = path or run.run_dir / "checkpoint.pt"
+    rng = distributed.all_gather_object(rng_state())
+    if distributed.is_main_process():
+        state = {
+            "epoch": run.epoch,
+            "config": run.config.to_dict(),
+            "world_size": distributed.world_size(),
+            "model": run.encoder.state_dict(),
+            "bank": run.bank.state_dict(),
+            "objective": _objective_state(run.objective),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "rng": rng,  # one state per rank
+            "metrics": run.metrics,
+        }
+        atomic_save(state, path)
+    run.checkpoint_epoch = run.epoch
+    return path
+
+
+def _load_module(module: nn.Module, state: dict[str, Any], what: str, path: Path, strict: bool = True) -> None:
+    try:
+        missing, unexpected = module.load_state_dict(strip_wrapper_prefixes(state), strict=strict)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(
+            f"{path}: its {what} does not fit this run ({detail}); it was written with another config "
+            "(arch, low_dim, dataset, train_subset or objective) — resume with that config, or start over"
+        ) from err
+    if not strict and (unexpected or any(not k.startswith("bank.") for k in missing)):
+        raise CheckpointError(f"{path}: its {what} does not fit this run: missing {missing}, unexpected {unexpected}")
+
+
+def _set_rank_rng(rng: Any, config: TrainConfig, epoch: int) -> None:
+    """This rank's stored RNG state; a rank that has none (the run was saved on fewer processes) is seeded from
+    (seed, rank, epoch): the run continues correctly, though not bit-identically to the old number of ranks."""
+    states = rng if isinstance(rng, list) else [rng]
+    r = distributed.rank()
+    if len(states) == distributed.world_size():
+        set_rng_state(states[r])
+    else:
+        torch.manual_seed(config.seed * 1_000_003 + 7919 * epoch + r)
+
+
+def load_run_checkpoint(run: Run, path: Path | None = None, state: dict[str, Any] | None = None) -> None:
+    """Restore a built run from its checkpoint (``state``, if already loaded, else ``path``)."""
+    path = path or run.run_dir / "checkpoint.pt"
+    state = state if state is not None else load_checkpoint(path, map_location=run.device)
+    _load_module(run.encoder, state["model"], "model", path)
+    _load_module(run.bank, state["bank"], "memory bank", path)
+    _load_module(run.objective, state["objective"], "objective", path, strict=False)
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this run ({err})") from err
+    _set_rank_rng(state["rng"], run.config, state["epoch"])
+    run.epoch = run.checkpoint_epoch = state["epoch"]
+    run.metrics = list(state["metrics"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_finite(loss: torch.Tensor, run: Run, step: int) -> None:
+    finite = bool(torch.isfinite(loss).item())
+    if not distributed.any_rank(not finite):  # every rank stops together: none is left waiting in a collective
+        return
+    value = loss.item() if not finite else "non-finite on another rank"
     raise NonFiniteLossError(
-        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} of run {config.name!r}. "
-        f"Try: {'; '.join(hint)}. The last good checkpoint is untouched."
+        f"loss became {value} at epoch {run.epoch + 1}, step {step + 1} of run {run.config.name!r}. "
+        f"Try: {_fixes(run.config)}. {_last_good(run)}"
     )
 
 
 def train_one_epoch(run: Run) -> dict[str, float]:
     """One pass over the training set; returns the mean loss, the lr and the wall time."""
     cfg, model, opt = run.config, run.model, run.optimizer
-    lr = learning_rate(cfg, run.epoch)
+    lr = learning_rate(cfg, run.epoch, distributed.world_size())
     for group in opt.param_groups:
         group["lr"] = lr
     set_epoch(run.data.train_loader, run.epoch, cfg.seed)
@@ -244,8 +362,8 @@ def train_one_epoch(run: Run) -> dict[str, float]:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
             features = model(images)
-        loss = run.objective(features, indices)
-        _check_finite(loss, cfg, run.epoch, step)
+        loss = run.loss_fn(features, indices)
+        _check_finite(loss, run, step)
         opt.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(opt)
@@ -257,7 +375,8 @@ def train_one_epoch(run: Run) -> dict[str, float]:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
     bar.close()
-    return {"loss": (total / max(count, 1)).item(), "lr": lr, "time": time.perf_counter() - start}
+    mean = distributed.all_reduce_mean(total / max(count, 1))  # the loss of the global batch
+    return {"loss": mean.item(), "lr": lr, "time": time.perf_counter() - start}
 
 
 def evaluate_bank(run: Run) -> dict[str, float]:
@@ -286,6 +405,60 @@ def _write_metrics(run: Run) -> None:
     atomic_write_text(text, run.run_dir / "metrics.jsonl")
 
 
+def _resolve_config(config: TrainConfig | str, overrides: list[str] | dict[str, Any] | None) -> TrainConfig:
+    if isinstance(config, str | Path):
+        return load_config(config, overrides)
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    return config_from_dict({**config.to_dict(), **extra})  # validates a config built in code, too
+
+
+def _on_main(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only and share its outcome: an exception there is raised on every rank."""
+    result, error = None, None
+    if distributed.is_main_process():
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, on every rank
+            error = err
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise error
+    return result
+
+
+def _open_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check the run directory (rank 0, lock held) and return the checkpoint to resume, if any.
+
+    Nothing is written until every check has passed, so a refused run leaves the directory as it was.
+    """
+    ckpt = run_dir / "checkpoint.pt"
+    remove_stale_temp_files(run_dir)  # a kill during a save can leave one; we hold the lock
+    remove_replaced(run_dir)
+    if resume and (ckpt.exists() or not overwrite):
+        if not ckpt.exists():
+            extra = " (the directory holds an earlier run's files; --overwrite starts over)" if run_dir.exists() else ""
+            raise FileNotFoundError(f"no checkpoint at {ckpt}; start the run without --resume first{extra}")
+        state = load_checkpoint(ckpt, map_location="cpu")
+        changes = resume_changes(state["config"], config, state["epoch"])
+        if changes and config.progress:
+            print(f"resuming {run_dir} at epoch {state['epoch']} with: {'; '.join(changes)}", file=sys.stderr)
+        return state
+    if is_nonempty_dir(run_dir) and not overwrite:
+        refuse_existing(run_dir)
+    return None
+
+
+def _start_run_dir(run: Run, clear: bool) -> None:
+    """Rank 0, once the run is built (so bad data or a bad size cannot cost the old run): clear the directory if
+    overwriting, then write the resolved config (and, on resume, the metrics the checkpoint holds)."""
+    if clear:
+        clear_for_overwrite(run.run_dir)  # moved aside and deleted before anything new is written
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(run.config, run.run_dir / "config.yaml")
+    if run.metrics:
+        _write_metrics(run)  # drops any line written after the checkpoint (a kill between the two writes)
+
+
 def train(
     config: TrainConfig | str,
     overrides: list[str] | dict[str, Any] | None = None,
@@ -297,36 +470,44 @@ def train(
 ) -> Run:
     """Train a run end to end and return it (model, bank, metrics; ``run.metrics[-1]`` is the last epoch).
 
-    Writes ``<out_dir>/<name>/``: ``config.yaml``, ``metrics.jsonl`` (one line per epoch),
-    ``checkpoint.pt`` (atomic, after every ``checkpoint_every`` epochs and at the end) and
-    ``results.json`` (final kNN with recomputed features). ``resume=True`` continues from the
-    checkpoint exactly; a run directory that already has a checkpoint is refused unless
-    ``resume`` or ``overwrite`` is given, so no finished run is lost by accident.
+    Writes ``<out_dir>/<name>/``: ``config.yaml``, ``checkpoint.pt`` (atomic, after every ``checkpoint_every``
+    epochs and at the end), ``metrics.jsonl`` (one line per epoch) and ``results.json`` (final kNN with
+    recomputed features). A non-empty run directory is refused unless ``resume`` (continue the checkpoint
+    exactly; only changes listed in :data:`~instdisc_lite.run_dir.RESUMABLE_CHANGES` are accepted) or
+    ``overwrite`` (delete it first) is given, and a lock keeps a second process with the same name out.
     ``stop_after=k`` stops once k epochs are done, right after their checkpoint, as an interruption
     would (no final evaluation then); ``resume=True`` later continues as if nothing had happened.
     ``on_epoch_end(run)`` is called after every epoch (after its kNN monitor); the dict it returns, if any, is
     added to that epoch's metrics row (the book uses it to probe the bank and the objective as training goes).
     """
-    if isinstance(config, str):
-        config = load_config(config, overrides)
-    elif overrides:
-        from .config import config_from_dict, parse_overrides
+    config = _resolve_config(config, overrides)
+    device = distributed.init_from_env() or select_device(config.device)
+    run_dir = Path(config.out_dir) / config.name
+    lock = RunLock(run_dir)
+    try:
+        _on_main(lock.acquire)
+        state = _on_main(lambda: _open_run_dir(run_dir, config, resume, overwrite))  # None except on rank 0
+        resuming = distributed.broadcast_object(state is not None)
+        run = build_run(config, device, init_bank=not resuming)
+        if resuming:  # the other ranks read the checkpoint that rank 0 has checked
+            load_run_checkpoint(run, state=state or load_checkpoint(run_dir / "checkpoint.pt"))
+        _on_main(lambda: _start_run_dir(run, clear=overwrite and not resuming))
+        try:
+            _train_epochs(run, stop_after, on_epoch_end)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                f"interrupted during epoch {run.epoch + 1} of run {run_dir}. {_last_good(run)} "
+                "Continue with --resume (train(..., resume=True))."
+            ) from None
+        if final_eval and run.epoch == config.epochs:
+            _finish(run)
+        return run
+    finally:
+        lock.release()
 
-        extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-        config = config_from_dict({**config.to_dict(), **extra})
-    run = build_run(config, init_bank=not resume)
-    ckpt = run.run_dir / "checkpoint.pt"
-    if resume:
-        load_run_checkpoint(run)
-    elif ckpt.exists() and not overwrite:
-        raise RunExistsError(
-            f"{run.run_dir} already holds a checkpoint. Pass --resume to continue it, --overwrite to start over, "
-            "or choose another name (--set name=...)."
-        )
-    main = distributed.is_main_process()
-    if main:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run.run_dir / "config.yaml")
+
+def _train_epochs(run: Run, stop_after: int | None, on_epoch_end: Callable[[Run], dict[str, Any] | None] | None):
+    config, main = run.config, distributed.is_main_process()
     start = time.perf_counter() - (run.metrics[-1]["elapsed"] if run.metrics else 0.0)
     while run.epoch < config.epochs and (stop_after is None or run.epoch < stop_after):
         stats = train_one_epoch(run)
@@ -339,35 +520,32 @@ def train(
         if on_epoch_end is not None:
             row.update(on_epoch_end(run) or {})
         row["elapsed"] = time.perf_counter() - start
+        check_state_finite(run)  # before anything of this epoch is written
         run.metrics.append(row)
+        if run.epoch % config.checkpoint_every == 0 or run.epoch in (config.epochs, stop_after):
+            save_run_checkpoint(run)  # first the checkpoint, then the metrics it includes
         if main:
             _write_metrics(run)
-            if run.epoch % config.checkpoint_every == 0 or run.epoch in (config.epochs, stop_after):
-                save_run_checkpoint(run)
             knn = f", kNN top-1 {row['knn_top1']:.2f}%" if "knn_top1" in row else ""
             if config.progress:
                 msg = f"epoch {run.epoch}/{config.epochs}: loss {row['loss']:.4f}, lr {row['lr']:.4g}"
                 tqdm.write(f"{msg}{knn} ({row['time']:.1f}s)")
-    if final_eval and run.epoch == config.epochs:
-        final = evaluate_final(run)
-        if main:
-            last = run.metrics[-1] if run.metrics else {}
-            result = {"name": config.name, "epochs": run.epoch, "elapsed": last.get("elapsed", 0.0),
-                      "final_knn_top1": final["knn_top1"], "final_knn_top5": final["knn_top5"],
-                      "bank_knn_top1": last.get("knn_top1"),
-                      "device": str(run.device), "torch": torch.__version__}  # fmt: skip
-            atomic_write_text(json.dumps(result, indent=2) + "\n", run.run_dir / "results.json")
-        run.final = final  # type: ignore[attr-defined]
-    return run
 
 
-def lr_schedule(config: TrainConfig) -> list[float]:
-    """The learning rate of every epoch, for plotting."""
-    return [learning_rate(config, e) for e in range(config.epochs)]
+def _finish(run: Run) -> None:
+    final = evaluate_final(run)
+    if distributed.is_main_process():
+        last = run.metrics[-1] if run.metrics else {}
+        result = {"name": run.config.name, "epochs": run.epoch, "elapsed": last.get("elapsed", 0.0),
+                  "final_knn_top1": final["knn_top1"], "final_knn_top5": final["knn_top5"],
+                  "bank_knn_top1": last.get("knn_top1"), "world_size": distributed.world_size(),
+                  "device": str(run.device), "torch": torch.__version__}  # fmt: skip
+        atomic_write_text(json.dumps(result, indent=2) + "\n", run.run_dir / "results.json")
+    run.final = final
 
 
 __all__ = [
-    "NonFiniteLossError", "Run", "RunExistsError", "build_objective", "build_run", "evaluate_bank",
-    "evaluate_final", "initial_features", "learning_rate", "load_run_checkpoint", "lr_schedule", "save_run_checkpoint",
-    "select_device", "train", "train_one_epoch",
+    "NonFiniteLossError", "Run", "RunExistsError", "RunInUseError", "TrainingInterrupted", "build_objective",
+    "build_run", "check_state_finite", "evaluate_bank", "evaluate_final", "initial_features", "learning_rate",
+    "load_run_checkpoint", "lr_schedule", "save_run_checkpoint", "select_device", "train", "train_one_epoch",
 ]  # fmt: skip
