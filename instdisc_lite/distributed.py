@@ -7,6 +7,7 @@ never has to branch on it.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,8 @@ def init_from_env() -> torch.device | None:
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (same shape on every rank) from all ranks along dim 0; identity otherwise.
 
+    :func:`all_gather_varlen` also takes a different dim-0 size per rank, for one more small collective.
+
     Used for the memory-bank update: every rank keeps a full replica of the bank, so each must apply
     the features that *all* ranks computed this step, in the same order, to stay identical.
     """
@@ -55,6 +58,88 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def collective_device() -> torch.device:
+    """The device collectives run on: the current CUDA device under NCCL (it only takes CUDA tensors), else CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_varlen(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate along dim 0, in rank order, tensors whose dim-0 size differs per rank; identity otherwise.
+
+    ``tensor`` is ``(B_r, *rest)`` on rank r (``rest`` and dtype the same on every rank); the result is
+    ``(sum_r B_r, *rest)`` on every rank, on ``tensor``'s device. ``dist.all_gather`` needs equal shapes,
+    so the sizes are gathered first, every part is zero-padded to the largest and trimmed after.
+    Needed wherever the last batch of an epoch or a shard of a dataset is uneven across ranks.
+    """
+    if not is_distributed():
+        return tensor
+    comm = collective_device()
+    local = tensor.detach().contiguous().to(comm)
+    size = torch.tensor([local.shape[0]], dtype=torch.long, device=comm)
+    sizes = [torch.empty_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    padded = local.new_zeros((max(counts), *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)]).to(tensor.device)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any rank (an all-reduce MAX); ``flag`` itself in one process.
+
+    A rank that stops alone (say on a NaN loss) leaves the others waiting in their next collective for
+    ever; deciding together makes every rank stop at the same step.
+    """
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor(int(bool(flag)), dtype=torch.int32, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """One picklable ``obj`` per rank, in rank order, on every rank; ``[obj]`` in one process.
+
+    E.g. every rank's RNG state, so a checkpoint can restore each rank's own noise and augmentation.
+    """
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (what other ranks pass is ignored); ``obj`` in one process.
+
+    For decisions that must be the same everywhere, taken on one rank (e.g. "resume from this checkpoint").
+    """
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait until every rank gets here; no-op in one process."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (a copy, on ``tensor``'s device); identity when not distributed."""
+    if not is_distributed():
+        return tensor
+    out = tensor.to(collective_device(), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(tensor.device)
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm  # plain text bars: no ipywidgets needed, no warning on the book pages
 
+from . import distributed
+
 
 @torch.no_grad()
 def extract_features(
@@ -20,24 +22,58 @@ def extract_features(
     device: torch.device | str | None = None,
     transform: nn.Module | None = None,
     progress: bool = False,
+    gather: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` in eval mode over ``loader`` (yielding ``(images, labels, ...)``).
 
     Returns ``(features (N, d) float32 on CPU, labels (N,) long)``. ``transform`` is applied to each
     batch on the device (e.g. :class:`~instdisc_lite.data.Normalize` for uint8 tensor batches).
+
+    One process: the rows are in loader order. Distributed (``gather``, the default when a process
+    group is up): each rank's loader yields only its shard as ``(images, labels, indices)``, with
+    ``indices`` the dataset positions, and the shards of all ranks partition ``0..N-1``. Features,
+    labels and indices of every rank are gathered and the rows sorted by index, so every rank returns
+    the same ``(N, d)`` and ``(N,)``, in dataset order. ``gather=False`` keeps this rank's rows only.
     """
+    gather = distributed.is_distributed() if gather is None else gather
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    feats, labels = [], []
+    feats, labels, indices = [], [], []
     for batch in tqdm(loader, desc="features", disable=not progress, leave=False):
         images, targets = batch[0].to(device, non_blocking=True), batch[1]
         if transform is not None:
             images = transform(images)
         feats.append(model(images).float().cpu())
         labels.append(torch.as_tensor(targets))
+        if gather:
+            if len(batch) < 3 or batch[2] is None:
+                raise ValueError("a sharded extract_features needs a loader yielding (images, labels, indices)")
+            indices.append(torch.as_tensor(batch[2]))
     model.train(was_training)
-    return torch.cat(feats), torch.cat(labels).long()
+    features, labels = torch.cat(feats), torch.cat(labels).long()
+    if not gather:
+        return features, labels
+    return _gather_by_index(features, labels, torch.cat(indices).long())
+
+
+def _gather_by_index(
+    features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``(B_r, d)`` features and ``(B_r,)`` labels, as ``(N, d)`` and ``(N,)`` sorted by ``indices``."""
+    features = distributed.all_gather_varlen(features)
+    labels = distributed.all_gather_varlen(labels)
+    indices = distributed.all_gather_varlen(indices)
+    sorted_idx, order = indices.sort()
+    # A sampler that pads its shards (DistributedSampler repeats items to even them out) or drops some
+    # would silently weight or miss images in the kNN: refuse it. Every rank sees the same gathered
+    # indices, so every rank raises together and none is left waiting.
+    if not torch.equal(sorted_idx, torch.arange(indices.numel())):
+        raise ValueError(
+            f"the shards of the {distributed.world_size()} ranks must partition the dataset positions 0..N-1 "
+            f"exactly (got {indices.numel()} indices, {sorted_idx.unique().numel()} distinct)"
+        )
+    return features[order], labels[order]
 
 
 @torch.no_grad()
@@ -80,14 +116,22 @@ def weighted_knn(
     query_chunk: int = 256,
     bank_chunk: int = 262_144,
     device: torch.device | str | None = None,
+    shard: bool | None = None,
 ) -> dict[str, float]:
     """Weighted kNN top-1 / top-5 accuracy (in %) of ``test_features`` against ``train_features``.
 
+    ``train_features`` (N, d), ``train_labels`` (N,), ``test_features`` (Q, d), ``test_labels`` (Q,).
     Features are L2-normalised here, so the dot product is the cosine similarity. Queries are
     processed ``query_chunk`` at a time and the bank ``bank_chunk`` rows at a time: 50,000 queries
     against 1.28 M rows of 128-d need ``query_chunk * bank_chunk * 4`` bytes of scores (256 MB by
     default) plus the features themselves.
+
+    ``shard`` (default: when distributed) splits the queries into one contiguous slice per rank; each
+    rank scores its slice and the correct counts are summed over ranks, so the result is the same on
+    every rank and equal to the one-process one, for 1 / world_size of the work. Every rank must pass
+    the same features and labels (as :func:`extract_features` returns them).
     """
+    shard = distributed.is_distributed() if shard is None else shard
     device = torch.device(device) if device is not None else test_features.device
     train_features = F.normalize(train_features.float(), dim=1)
     test_features = F.normalize(test_features.float(), dim=1)
@@ -96,18 +140,25 @@ def weighted_knn(
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     if train_features.shape[0] <= bank_chunk:
         train_features = train_features.to(device)  # small bank: move once, not per chunk
+    n = test_features.shape[0]
+    first, last = 0, n
+    if shard:
+        r, w = distributed.rank(), distributed.world_size()
+        first, last = n * r // w, n * (r + 1) // w
     correct1 = correct5 = 0
-    for start in range(0, test_features.shape[0], query_chunk):
-        q = test_features[start : start + query_chunk].to(device)
+    for start in range(first, last, query_chunk):
+        stop = min(start + query_chunk, last)
+        q = test_features[start:stop].to(device)
         sim, idx = knn_neighbours(train_features, q, k, bank_chunk)
         weights = (sim / temperature).exp()  # alpha_i = exp(s_i / tau)
         votes = torch.zeros(q.shape[0], num_classes, device=device)
         votes.scatter_add_(1, train_labels[idx], weights)
         top = votes.topk(min(5, num_classes), dim=1).indices.cpu()
-        target = test_labels[start : start + query_chunk].long().cpu()
+        target = test_labels[start:stop].long().cpu()
         correct1 += (top[:, 0] == target).sum().item()
         correct5 += (top == target[:, None]).any(dim=1).sum().item()
-    n = test_features.shape[0]
+    if shard:
+        correct1, correct5 = distributed.all_reduce_sum(torch.tensor([correct1, correct5])).tolist()
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n}
 
 

@@ -67,15 +67,16 @@ class MemoryBank(nn.Module):
         replacement) the repeated features are averaged first and the row is updated once, so the
         result does not depend on the order of the batch.
 
-        In a distributed run, indices and features of all ranks are gathered first, so every
-        replica of the bank applies the same update.
+        In a distributed run, indices and features of all ranks are gathered first (in rank order), so
+        every replica of the bank applies the same update. Ranks may hold different batch sizes B_r
+        (an uneven last batch): the update is then that of the ``(sum_r B_r,)`` concatenation.
         """
-        idx = distributed.all_gather_cat(idx.to(self.memory.device))
-        features = distributed.all_gather_cat(features.detach().to(self.memory))
-        if features.shape != (idx.shape[0], self.dim):
+        if features.shape != (idx.shape[0], self.dim):  # checked before gathering: the error names this rank's batch
             raise ValueError(
                 f"bank.update expects features of shape ({idx.shape[0]}, {self.dim}), got {tuple(features.shape)}"
             )
+        idx = distributed.all_gather_varlen(idx.to(self.memory.device))
+        features = distributed.all_gather_varlen(features.detach().to(self.memory))
         unique, inverse = torch.unique(idx, return_inverse=True)
         if unique.numel() != idx.numel():  # average repeated indices before the update
             summed = torch.zeros(unique.numel(), self.dim, dtype=features.dtype, device=features.device)

@@ -20,6 +20,7 @@ distribution as it concentrates during training (see the chapter on why fixed Z 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,23 @@ from .memory_bank import MemoryBank
 from .proximal import BankObjective
 
 Z_MODES = ("fixed", "running")
+
+
+def z_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of Z on ``device``: float64, except float32 on Apple MPS, which has no float64.
+
+    Z sums n exponentials of scores up to 1/tau (eq. 7), so float64 is the safe default; float32's seven
+    digits are still ample where float64 is missing, because the loss only uses log Z.
+    """
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def _move_z(z: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``z`` on ``device`` as :func:`z_dtype` says, cast on whichever side supports both dtypes."""
+    dtype = z_dtype(device)
+    if dtype == torch.float32:  # narrow before the move: the target cannot hold float64
+        return z.to(dtype).to(device)
+    return z.to(device).to(dtype)  # widen after the move: the source may not hold float64
 
 
 class NCE(BankObjective):
@@ -69,8 +87,32 @@ class NCE(BankObjective):
         self.z_mode = z_mode
         self.z_momentum = z_momentum
         self.shared_negatives = shared_negatives
-        # Z < 0 means "not estimated yet"; a buffer, so it is saved with the checkpoint.
-        self.register_buffer("z", torch.tensor(-1.0, dtype=torch.float64))
+        # Z < 0 means "not estimated yet"; a buffer, so it is saved with the checkpoint. Its dtype
+        # follows its device only (see _apply), never the dtype casts of the module.
+        self.register_buffer("z", torch.tensor(-1.0, dtype=z_dtype(bank.memory.device)))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NCE:
+        """``.to`` / ``.cuda`` / ``.half`` ... for everything but Z, which moves with its value kept.
+
+        ``Module._apply`` would hand the float64 Z to ``fn``: ``.to("mps")`` fails on it and
+        ``.half()`` / ``.to(torch.float32)`` would round it. Z goes to the device ``fn`` sends tensors
+        to, in :func:`z_dtype` of that device.
+        """
+        z = self._buffers.pop("z")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["z"] = z
+        target = fn(torch.empty(0, device=z.device)).device  # where fn sends tensors
+        self._buffers["z"] = _move_z(z, target)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs) -> None:
+        # A float64 Z saved on CPU/CUDA loads into a float32 Z on MPS: cast on the saved side first.
+        key = prefix + "z"
+        if key in state_dict and torch.is_tensor(state_dict[key]):
+            state_dict[key] = _move_z(state_dict[key], self.z.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args, **kwargs)
 
     def sample_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Uniform noise indices: ``(m,)`` when negatives are shared, else ``(batch_size, m)``.
@@ -94,8 +136,11 @@ class NCE(BankObjective):
 
     @torch.no_grad()
     def estimate_z(self, noise_logits: torch.Tensor) -> torch.Tensor:
-        """Eq. 7 for a batch: ``n * mean(exp(noise scores))`` (a single scalar for the batch)."""
-        z_batch = noise_logits.double().exp().mean() * self.bank.num_items
+        """Eq. 7 for a batch: ``n * mean(exp(noise scores))``, a scalar in :func:`z_dtype`, averaged over ranks.
+
+        ``noise_logits`` is ``(B, m)`` (the scores divided by tau).
+        """
+        z_batch = noise_logits.to(z_dtype(noise_logits.device)).exp().mean() * self.bank.num_items
         return distributed.all_reduce_mean(z_batch)
 
     @torch.no_grad()

@@ -120,3 +120,20 @@ def test_extract_features_runs_in_eval_mode_and_restores_mode():
     feats, labels = extract_features(model, loader, device="cpu")
     torch.testing.assert_close(feats, model[0](x).detach())  # no dropout applied
     assert torch.equal(labels, torch.arange(10)) and model.training
+
+
+def test_extract_features_gather_orders_rows_by_dataset_index():
+    """``gather=True`` (the default when distributed) returns rows by ``indices``, not by loader order."""
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(7, 3), torch.arange(7) % 3
+    order = torch.tensor([4, 0, 6, 2, 5, 1, 3])
+    loader = [(x[b], y[b], b) for b in order.split(3)]
+    feats, labels = extract_features(model, loader, device="cpu", gather=True)
+    torch.testing.assert_close(feats, model(x).detach())
+    assert torch.equal(labels, y)
+    unsorted, _ = extract_features(model, loader, device="cpu")  # one process, default: loader order
+    torch.testing.assert_close(unsorted, model(x[order]).detach())
+    with pytest.raises(ValueError, match="partition"):  # a repeated (padded) item, and a missing one
+        extract_features(model, [(x[b], y[b], b) for b in (order[:4], order[3:6])], device="cpu", gather=True)
+    with pytest.raises(ValueError, match="indices"):
+        extract_features(model, [(x, y)], device="cpu", gather=True)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from instdisc_lite import NCE, MemoryBank, NonParametricSoftmax, ParametricSoftmax, partition_function, proximal_term
+from instdisc_lite import nce as nce_module
 
 
 def make_bank(n: int, d: int, seed: int = 0, dtype=torch.float32) -> MemoryBank:
@@ -185,6 +186,68 @@ def test_nce_gradient_does_not_flow_through_z_or_bank():
     ref.backward()
     torch.testing.assert_close(f.grad.double(), fd.grad, rtol=1e-4, atol=1e-6)
     assert not bank.memory.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# Z's dtype: float64 where the device has it, float32 on Apple MPS
+# ------------------------------------------------------------------------------------------------
+
+
+def test_z_dtype_is_float64_except_on_mps():
+    for device in ("cpu", "cuda", torch.device("cuda", 1), "meta", torch.device("cpu")):
+        assert nce_module.z_dtype(device) == torch.float64, device
+    for device in ("mps", torch.device("mps"), "mps:0"):
+        assert nce_module.z_dtype(device) == torch.float32, device
+
+
+def test_moving_or_casting_nce_keeps_z():
+    nce = NCE(make_bank(30, 4), num_negatives=5)
+    value = 1234.5678901234567  # needs float64: float32 or float16 would round it
+    nce.z.fill_(value)
+    assert nce.z.dtype == torch.float64 and "z" in nce.state_dict()
+    for move, bank_dtype in ((NCE.half, torch.float16), (NCE.float, torch.float32), (NCE.double, torch.float64),
+                             (lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.to("cpu"), torch.bfloat16),
+                             (lambda m: m.to("cpu", torch.float32), torch.float32)):  # fmt: skip
+        assert move(nce) is nce
+        assert nce.bank.memory.dtype == bank_dtype  # the cast reached everything else
+        assert nce.z.dtype == torch.float64 and nce.z.item() == value
+        assert torch.equal(nce.state_dict()["z"], torch.tensor(value, dtype=torch.float64))
+    assert nce.to("meta").z.device.type == "meta" and nce.z.dtype == torch.float64
+
+
+def test_nce_z_on_a_device_without_float64(monkeypatch):
+    """What MPS does, on CPU: a device whose ``.to`` rejects float64 and whose Z is float32."""
+    bank = make_bank(60, 8, seed=22)
+    idx = torch.tensor([0, 9, 33])
+    f = features_near(bank, idx, noise=0.5, seed=23)
+    noise = torch.randint(60, (3, 7), generator=torch.Generator().manual_seed(24))
+    wide = NCE(bank, num_negatives=7, temperature=0.1)
+    loss_wide = wide(f, idx, noise_indices=noise)
+    z_wide = wide.z.item()
+
+    monkeypatch.setattr(nce_module, "z_dtype", lambda device: torch.float32)
+
+    def to_fake_mps(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.float64:
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
+        return t.clone()
+
+    moved = NCE(bank, num_negatives=7, temperature=0.1)
+    moved.load_state_dict(wide.state_dict())  # a float64 Z from a CPU/CUDA checkpoint
+    assert moved.z.dtype == torch.float32 and moved.z.item() == pytest.approx(z_wide, rel=1e-7)
+    narrow = NCE(bank, num_negatives=7, temperature=0.1)
+    narrow.z = narrow.z.double()  # as saved on CPU; moving it must not hand the float64 Z to the device
+    narrow.z.fill_(-1.0)
+    narrow._apply(to_fake_mps)
+    assert narrow.z.dtype == torch.float32
+    loss_narrow = narrow(f, idx, noise_indices=noise)  # estimate_z in float32 too
+    assert narrow.z.dtype == torch.float32 and narrow.z.item() == pytest.approx(z_wide, rel=1e-6)
+    assert loss_narrow.item() == pytest.approx(loss_wide.item(), rel=1e-6)
+
+    monkeypatch.undo()
+    back = NCE(bank, num_negatives=7, temperature=0.1)
+    back.load_state_dict(narrow.state_dict())  # and a float32 Z saved on MPS loads into float64
+    assert back.z.dtype == torch.float64 and back.z.item() == pytest.approx(z_wide, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
