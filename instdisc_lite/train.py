@@ -301,7 +301,7 @@ def _set_rank_rng(rng: Any, config: TrainConfig, epoch: int) -> None:
 def load_run_checkpoint(run: Run, path: Path | None = None, state: dict[str, Any] | None = None) -> None:
     """Restore a built run from its checkpoint (``state``, if already loaded, else ``path``)."""
     path = path or run.run_dir / "checkpoint.pt"
-    state = state if state is not None else load_checkpoint(path, map_location=run.device)
+    state = state if state is not None else load_checkpoint(path)  # on the CPU: float64 Z cannot map onto MPS
     _load_module(run.encoder, state["model"], "model", path)
     _load_module(run.bank, state["bank"], "memory bank", path)
     _load_module(run.objective, state["objective"], "objective", path, strict=False)

@@ -158,7 +158,7 @@ def test_nan_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch, fashio
         train("fashion_mnist_quick", {**overrides, "epochs": 2}, resume=True)
     message = str(err.value)
     assert "nan" in message and "epoch 2, step 2" in message
-    assert "lower the learning rate" in message and "checkpoint is untouched" in message
+    assert "lower the learning rate" in message and "checkpoint (epoch 1) is untouched" in message
     assert ("z_mode=running" in message) == (z_mode == "fixed")
     assert ckpt.read_bytes() == before and metrics.read_text() == metrics_before
     assert sorted(p.name for p in good.run_dir.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl"]
