@@ -512,6 +512,7 @@ def _train_epochs(run: Run, stop_after: int | None, on_epoch_end: Callable[[Run]
     while run.epoch < config.epochs and (stop_after is None or run.epoch < stop_after):
         stats = train_one_epoch(run)
         run.epoch += 1
+        distributed.broadcast_buffers(run.encoder)  # one set of BN statistics for evaluation and the checkpoint
         row: dict[str, Any] = {"epoch": run.epoch, **stats}
         if isinstance(run.objective, NCE):
             row["z"] = run.objective.z.item()
