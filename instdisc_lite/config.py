@@ -3,13 +3,21 @@
 A shipped config is named by its file stem in ``instdisc_lite/configs/`` (``fashion_mnist_quick``,
 ``cifar10_resnet18``, ``imagenet_resnet50``, ``imagenet_resnet18``); any other argument is a path
 to a YAML file. Unknown keys fail and list the valid ones.
+
+Every key is checked (type, range, choices) when a config is built by :func:`config_from_dict` or
+:func:`load_config`, before any data is read; :func:`validate_config` (or :meth:`TrainConfig.validate`) runs the
+same checks on a config built another way, e.g. with ``dataclasses.replace``. A bad value raises
+:class:`ConfigError` with one line naming the key, the value and what is valid.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
+import math
+import numbers
+import re
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +25,19 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+# Choices that live nowhere else (the datasets, augmentations and bank initialisations are plain strings in
+# data.py / train.py). The architectures, objectives and Z modes are read from their modules (see _RULES).
+DATASETS = ("fashion_mnist", "cifar10", "imagenet")
+AUGMENTS = ("paper", "none")
+BANK_INITS = ("random", "features")
+MAX_NAME_LENGTH = 100
+# The seed feeds torch.Generator().manual_seed(seed * 100003 + epoch) and numpy-style seeding: keep it in 32 bits.
+MAX_SEED = 2**32 - 1
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one path component: no '/', '\\', '..', leading dot, spaces
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
+_DIGITS = re.compile(r"\s*[+-]?[0-9]+\s*")
 
 
 class ConfigError(ValueError):
@@ -27,7 +48,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Every knob of a run. Defaults are the paper's (CIFAR-10 / ResNet18 / NCE m=4096)."""
 
-    name: str = "run"
+    name: str = "run"  # the run directory <out_dir>/<name>: one path component
     # data
     dataset: str = "cifar10"  # fashion_mnist | cifar10 | imagenet
     data_root: str = "data"
@@ -52,8 +73,11 @@ class TrainConfig:
     bank_init: str = "random"
     # optimisation: SGD with steps x lr_gamma at lr_milestones (fractions of the epochs: 120/200, 160/200)
     epochs: int = 200
-    batch_size: int = 128
+    batch_size: int = 128  # per process; W processes train with a global batch of W x batch_size
     lr: float = 0.03
+    # multi-process runs of W processes use lr x W, the linear scaling rule (Goyal et al. 2017) for the W times
+    # larger global batch, so per-image steps match a one-process run; false keeps lr. No effect in one process.
+    scale_lr: bool = True
     lr_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])
     lr_gamma: float = 0.1
     warmup_epochs: int = 0
@@ -70,6 +94,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: bool = True  # autocast on CUDA only
     channels_last: bool = True  # on CUDA only
+    # multi-process runs: BatchNorm -> SyncBatchNorm, so BN statistics cover the global batch rather than each
+    # process's share (slower: one all-reduce per BN layer). No effect in one process.
+    sync_bn: bool = False
     compile: bool = False
     out_dir: str = "runs"
     checkpoint_every: int = 1
@@ -82,64 +109,327 @@ class TrainConfig:
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    def validate(self) -> TrainConfig:
+        """:func:`validate_config` of this config."""
+        return validate_config(self)
+
 
 def shipped_configs() -> list[str]:
     """Names of the configs that ship with the package."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def _coerce(key: str, value: Any, annotation: str) -> Any:
-    """Check ``value`` against the dataclass field's type and convert int -> float where needed."""
-    hint = typing.get_type_hints(TrainConfig)[key]
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
+# ------------------------------------------------------------------------------------------------
+# Checks of single keys: each takes (key, value) and returns the normalised value or raises ConfigError
+# ------------------------------------------------------------------------------------------------
+
+Check = Callable[[str, Any], Any]
+
+
+def _show(value: Any) -> str:
+    """``repr`` of a bad value, cut short: messages stay one readable line (repr escapes newlines)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _fail(key: str, expected: str, value: Any, hint: str = "") -> ConfigError:
+    return ConfigError(f"config key {key!r} must be {expected}, got {_show(value)}{hint}")
+
+
+def _as_float(value: Any) -> float | None:
+    """A number, or a string that parses as one (YAML 1.1 reads ``1e-3`` as a string); None otherwise."""
+    if isinstance(value, bool):  # bool is an int, but lr=true is a mistake
+        return None
+    try:
+        if isinstance(value, numbers.Real):
+            return float(value)
+        if isinstance(value, str):
+            return float(value)
+    except (ValueError, OverflowError):
+        return None
+    return None
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer (numpy's too) or a string of digits; floats are refused, even integral ones (exact counts)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, str) and _DIGITS.fullmatch(value):
+        return int(value)
+    return None
+
+
+def _integer(minimum: int, maximum: int | None = None, optional: bool = False) -> Check:
+    expected = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+    if optional:
+        expected = f"null or {expected}"
+
+    def check(key: str, value: Any) -> int | None:
+        if value is None:
+            if optional:
+                return None
+            raise ConfigError(f"config key {key!r} cannot be null: it must be {expected}")
+        number = _as_int(value)
+        if number is None or number < minimum or (maximum is not None and number > maximum):
+            as_float = _as_float(value) if number is None else None
+            hint = " (write it as an integer literal)" if as_float is not None and as_float.is_integer() else ""
+            raise _fail(key, expected, value, hint)
+        return number
+
+    return check
+
+
+def _real(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False) -> Check:
+    """A finite float in the interval from ``low`` (to ``high``); NaN and inf are always refused."""
+    if high is None:
+        expected = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def inside(number: float) -> bool:
+        above = number > low if low_open else number >= low
+        below = high is None or (number < high if high_open else number <= high)
+        return math.isfinite(number) and above and below
+
+    def check(key: str, value: Any) -> float:
+        if value is None:
+            raise ConfigError(f"config key {key!r} cannot be null: it must be {expected}")
+        number = _as_float(value)
+        if number is None or not inside(number):
+            raise _fail(key, expected, value)
+        return number
+
+    return check
+
+
+def _boolean(key: str, value: Any) -> bool:
     if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"config key {key!r} cannot be null (expected {annotation})")
-    origin = typing.get_origin(base)
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"config key {key!r} expects a list ({annotation}), got {value!r}")
-        (item,) = typing.get_args(base)
-        if item is float and not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"config key {key!r} expects a list of numbers ({annotation}), got {value!r}")
-        return [float(v) if item is float else v for v in value]
-    if base is float:
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
-        return float(value)
-    if base is bool and not isinstance(value, bool):
-        raise ConfigError(f"config key {key!r} expects true/false, got {value!r}")
-    if base is int and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
-    if base is str and not isinstance(value, str):
-        return str(value)
+        raise ConfigError(f"config key {key!r} cannot be null: it must be true/false")
+    if not isinstance(value, bool):
+        raise _fail(key, "true/false", value)
     return value
 
 
+def _string(key: str, value: Any, expected: str = "a string") -> str:
+    if value is None:
+        raise ConfigError(f"config key {key!r} cannot be null: it must be {expected}")
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # name: 2024 in YAML is an int
+        return str(value)
+    if not isinstance(value, str):
+        raise _fail(key, expected, value)
+    return value
+
+
+def _choice(choices: Callable[[], Iterable[str]]) -> Check:
+    """One of ``choices()``: a callable, so lists that live in other modules are imported only when checked."""
+
+    def check(key: str, value: Any) -> str:
+        valid = list(choices())
+        text = _string(key, value)
+        if text not in valid:
+            raise _fail(key, f"one of {', '.join(valid)}", value)
+        return text
+
+    return check
+
+
+_NAME_RULE = "a single directory name (letters, digits, '.', '_', '-', not starting with '.')"
+
+
+def _name(key: str, value: Any) -> str:
+    text = _string(key, value, _NAME_RULE)
+    if len(text) > MAX_NAME_LENGTH:
+        raise ConfigError(
+            f"config key {key!r} must be a directory name of at most {MAX_NAME_LENGTH} characters, "
+            f"got {len(text)}: {_show(text)}"
+        )
+    if not _NAME.fullmatch(text):  # the run directory is <out_dir>/<name>: a name must not climb out of out_dir
+        raise _fail(key, _NAME_RULE, value)
+    return text
+
+
+def _path(key: str, value: Any) -> str:
+    expected = "a non-empty path (without NUL characters)"
+    text = _string(key, value, expected)
+    if not text.strip() or "\0" in text:
+        raise _fail(key, expected, value)
+    return text
+
+
+def _device(key: str, value: Any) -> str:
+    text = _string(key, value)
+    if not _DEVICE.fullmatch(text):  # only the form: whether the device exists is checked when a run starts
+        raise _fail(key, "auto, cpu, cuda, cuda:N or mps", value)
+    return text
+
+
+def _milestones(key: str, value: Any) -> list[float]:
+    expected = "a list of strictly ascending numbers in (0, 1] (fractions of the epochs)"
+    if value is None:
+        raise ConfigError(f"config key {key!r} cannot be null: it must be {expected} ([] for no lr drops)")
+    if not isinstance(value, list | tuple):
+        raise _fail(key, expected, value)
+    fractions = [_as_float(v) for v in value]
+    if any(f is None or not (math.isfinite(f) and 0 < f <= 1) for f in fractions):
+        raise _fail(key, expected, value)
+    if any(a >= b for a, b in zip(fractions, fractions[1:], strict=False)):  # repeats would drop twice at once
+        raise _fail(key, expected, value)
+    return fractions
+
+
+def _architectures() -> list[str]:
+    from .models import ARCHITECTURES
+
+    return list(ARCHITECTURES)
+
+
+def _objectives() -> tuple[str, ...]:
+    from .train import OBJECTIVES  # lazily: train imports this module
+
+    return OBJECTIVES
+
+
+def _z_modes() -> tuple[str, ...]:
+    from .nce import Z_MODES
+
+    return Z_MODES
+
+
+_POSITIVE_INT = _integer(1)
+_COUNT = _integer(0)
+_OPTIONAL_POSITIVE_INT = _integer(1, optional=True)  # None = all images / no cut
+_POSITIVE = _real(0, low_open=True)
+_NON_NEGATIVE = _real(0)
+_MOMENTUM = _real(0, 1, high_open=True)  # 1 would freeze the average
+
+# One rule per field (a test checks that none is missing).
+_RULES: dict[str, Check] = {
+    "name": _name,
+    "dataset": _choice(lambda: DATASETS),
+    "data_root": _path,
+    "train_subset": _OPTIONAL_POSITIVE_INT,
+    "augment": _choice(lambda: AUGMENTS),
+    "crop_scale": _real(0, 1, low_open=True),
+    "num_workers": _COUNT,
+    "arch": _choice(_architectures),
+    "low_dim": _POSITIVE_INT,
+    "objective": _choice(_objectives),
+    "temperature": _POSITIVE,
+    "num_negatives": _POSITIVE_INT,
+    "shared_negatives": _boolean,
+    "z_mode": _choice(_z_modes),
+    "z_momentum": _MOMENTUM,
+    "proximal": _NON_NEGATIVE,
+    "bank_momentum": _MOMENTUM,
+    "bank_init": _choice(lambda: BANK_INITS),
+    "epochs": _POSITIVE_INT,
+    "batch_size": _POSITIVE_INT,
+    "lr": _POSITIVE,
+    "scale_lr": _boolean,
+    "lr_milestones": _milestones,
+    "lr_gamma": _POSITIVE,
+    "warmup_epochs": _COUNT,
+    "sgd_momentum": _MOMENTUM,
+    "weight_decay": _NON_NEGATIVE,
+    "max_steps_per_epoch": _OPTIONAL_POSITIVE_INT,
+    "knn_k": _POSITIVE_INT,
+    "knn_temperature": _POSITIVE,
+    "eval_every": _POSITIVE_INT,
+    "eval_subset": _OPTIONAL_POSITIVE_INT,
+    "seed": _integer(0, MAX_SEED),
+    "device": _device,
+    "amp": _boolean,
+    "channels_last": _boolean,
+    "sync_bn": _boolean,
+    "compile": _boolean,
+    "out_dir": _path,
+    "checkpoint_every": _POSITIVE_INT,
+    "progress": _boolean,
+}
+
+
+def validate_config(config: TrainConfig) -> TrainConfig:
+    """Check every key of ``config``; return it with values normalised (ints -> floats, numeric strings parsed).
+
+    Raises :class:`ConfigError` (one line naming the key, the value and what is valid) on the first bad key.
+    """
+    values = {f.name: _RULES[f.name](f.name, getattr(config, f.name)) for f in dataclasses.fields(config)}
+    # Batches are drop_last: a subset smaller than one batch would give epochs without a single step.
+    subset, batch = values["train_subset"], values["batch_size"]
+    if subset is not None and subset < batch:
+        raise ConfigError(
+            f"config key 'train_subset' ({subset}) is smaller than 'batch_size' ({batch}): an epoch would have no "
+            "step (incomplete batches are dropped); lower batch_size or raise train_subset"
+        )
+    return dataclasses.replace(config, **values)
+
+
 def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Build a :class:`TrainConfig`; unknown keys raise :class:`ConfigError` listing the valid ones."""
+    """Build a checked :class:`TrainConfig`; unknown keys raise :class:`ConfigError` listing the valid ones."""
     valid = TrainConfig.field_names()
-    unknown = sorted(set(values) - set(valid))
+    unknown = sorted(set(values) - set(valid), key=str)  # key=str: YAML keys may be ints
     if unknown:
         raise ConfigError(
-            f"unknown config key(s) {', '.join(map(repr, unknown))} in {source}. Valid keys: {', '.join(valid)}"
+            f"unknown config key(s) {', '.join(map(repr, unknown))} in {_one_line(source)}. "
+            f"Valid keys: {', '.join(valid)}"
         )
-    annotations = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
-    coerced = {k: _coerce(k, v, annotations[k]) for k, v in values.items()}
-    return TrainConfig(**coerced)
+    return validate_config(TrainConfig(**values))
+
+
+# ------------------------------------------------------------------------------------------------
+# YAML
+# ------------------------------------------------------------------------------------------------
+
+
+def _one_line(text: object) -> str:
+    """Whitespace runs (newlines too) -> one space: every ConfigError message is a single line."""
+    return " ".join(str(text).split())
+
+
+def _yaml_load(text: str, what: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"{what} is not valid YAML: {_one_line(getattr(err, 'problem', None) or err)}{where}"
+        ) from None
+
+
+def _float_fields() -> tuple[set[str], set[str]]:
+    """Names of the float fields and of the list-of-float fields."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {k for k, h in hints.items() if h is float}, {k for k, h in hints.items() if h == list[float]}
+
+
+def _number_or_string(value: Any) -> Any:
+    number = _as_float(value) if isinstance(value, str) else None
+    return value if number is None else number
+
+
+def _parse_numbers(key: str, value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string: make it the number it means, only where a float is expected
+    (``name=1e3`` stays as typed; a string that is no number is left for validation to report with its key)."""
+    floats, float_lists = _float_fields()
+    if key in floats:
+        return _number_or_string(value)
+    if key in float_lists and isinstance(value, list):
+        return [_number_or_string(v) for v in value]
+    return value
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """``["lr=0.1", "epochs=5"]`` -> ``{"lr": 0.1, "epochs": 5}`` (values parsed as YAML scalars)."""
+    """``["lr=0.1", "epochs=5"]`` -> ``{"lr": 0.1, "epochs": 5}``: values parsed as YAML, ``lr=1e-3`` as a float."""
     out: dict[str, Any] = {}
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. --set epochs=5)")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        key = key.strip()
+        out[key] = _parse_numbers(key, _yaml_load(raw, f"override {item!r}")) if raw.strip() else None
     return out
 
 
@@ -159,9 +449,9 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
-    """Load a shipped config by name, or a YAML file by path, then apply overrides."""
+    """Load a shipped config by name, or a YAML file by path, then apply overrides; every key is checked."""
     path = resolve_config_path(name_or_path)
-    values = yaml.safe_load(path.read_text()) or {}
+    values = _yaml_load(path.read_text(), str(path)) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
     values.setdefault("name", path.stem)
