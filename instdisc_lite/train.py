@@ -150,6 +150,9 @@ def build_run(config: TrainConfig, device: torch.device | None = None, init_bank
     checkpoint's bank is about to replace it anyway, as on resume.
     """
     device = device or distributed.init_from_env() or select_device(config.device)
+    if distributed.is_distributed() and config.sync_bn and device.type != "cuda":  # before any data is read
+        raise ConfigError(f"sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm), this run is on {device}; "
+                          "set sync_bn=false")  # fmt: skip
     torch.manual_seed(config.seed)
     data = build_data(config, device)
     encoder = build_encoder(config.arch, config.low_dim, data.in_channels).to(device)

@@ -123,3 +123,17 @@ def test_lr_is_scaled_linearly_with_the_global_batch(world):
     assert learning_rate(config, 199, world) == pytest.approx(config.lr * world * 0.01)
     unscaled = load_config("cifar10_resnet18", {"scale_lr": False})
     assert learning_rate(unscaled, 0, world) == pytest.approx(config.lr)
+
+
+def test_sync_bn_on_cpu_is_a_config_error(tmp_path, fashion_mnist_available, monkeypatch):
+    """SyncBatchNorm has no CPU kernel; a multi-process CPU run asking for it gets one line before any step."""
+    from instdisc_lite import ConfigError, distributed, load_config
+    from instdisc_lite.train import build_run
+
+    config = load_config("fashion_mnist_quick", base(tmp_path, name="s", sync_bn=True))
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)  # as under torchrun, without the process group
+    with pytest.raises(ConfigError, match="sync_bn=true needs CUDA"):
+        build_run(config)
+    monkeypatch.undo()
+    run = build_run(config)  # one process: sync_bn has nothing to synchronise and is ignored
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in run.encoder.modules())
