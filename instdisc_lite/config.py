@@ -75,9 +75,11 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 128  # per process; W processes train with a global batch of W x batch_size
     lr: float = 0.03
-    # multi-process runs of W processes use lr x W, the linear scaling rule (Goyal et al. 2017) for the W times
-    # larger global batch, so per-image steps match a one-process run; false keeps lr. No effect in one process.
+    # the linear scaling rule (Goyal et al. 2017): the run uses lr x (global batch) / lr_batch, where the global
+    # batch is W x batch_size for W processes and lr_batch is the global batch lr was tuned for (None: batch_size,
+    # so one process uses lr as given and W processes lr x W). false: lr as given, whatever the batch.
     scale_lr: bool = True
+    lr_batch: int | None = None
     lr_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])
     lr_gamma: float = 0.1
     warmup_epochs: int = 0
@@ -328,6 +330,7 @@ _RULES: dict[str, Check] = {
     "batch_size": _POSITIVE_INT,
     "lr": _POSITIVE,
     "scale_lr": _boolean,
+    "lr_batch": _OPTIONAL_POSITIVE_INT,
     "lr_milestones": _milestones,
     "lr_gamma": _POSITIVE,
     "warmup_epochs": _COUNT,

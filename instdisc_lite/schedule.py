@@ -7,13 +7,16 @@ from .config import TrainConfig
 
 
 def learning_rate(config: TrainConfig, epoch: float, world_size: int = 1) -> float:
-    """The learning rate of ``epoch`` (0-based).
+    """The learning rate of ``epoch`` (0-based) for a run of ``world_size`` processes.
 
-    ``config.lr`` is the rate for one process's batch of ``config.batch_size``. With ``W`` processes the global
-    batch is ``W * batch_size``; with ``scale_lr`` (the default) the rate is scaled linearly to ``W * lr``, the
-    linear scaling rule of Goyal et al. (2017), so a run keeps its per-image step size on any number of GPUs.
+    The linear scaling rule of Goyal et al. (2017): ``config.lr`` is the rate for a global batch of
+    ``config.lr_batch`` images (default: ``batch_size``, one process's batch); a run whose global batch is
+    ``world_size * batch_size`` uses ``lr * global_batch / lr_batch``, so the step per image stays the same on
+    any number of GPUs. ``scale_lr=False`` uses ``lr`` as given.
     """
-    base = config.lr * (world_size if config.scale_lr else 1)
+    base = config.lr
+    if config.scale_lr:
+        base *= world_size * config.batch_size / (config.lr_batch or config.batch_size)
     if config.warmup_epochs > 0 and epoch < config.warmup_epochs:
         return base * (epoch + 1) / (config.warmup_epochs + 1)
     drops = sum(epoch >= m * config.epochs for m in config.lr_milestones)

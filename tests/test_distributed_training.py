@@ -123,6 +123,12 @@ def test_lr_is_scaled_linearly_with_the_global_batch(world):
     assert learning_rate(config, 199, world) == pytest.approx(config.lr * world * 0.01)
     unscaled = load_config("cifar10_resnet18", {"scale_lr": False})
     assert learning_rate(unscaled, 0, world) == pytest.approx(config.lr)
+    # the paper's global batch of 128 split over the processes: the paper's lr
+    split = load_config("cifar10_resnet18", {"batch_size": 128 // world})
+    assert split.lr_batch == 128 and learning_rate(split, 0, world) == pytest.approx(config.lr)
+    # no lr_batch: lr is for one process's batch_size
+    quick = load_config("fashion_mnist_quick")
+    assert quick.lr_batch is None and learning_rate(quick, 0, world) == pytest.approx(quick.lr * world)
 
 
 def test_sync_bn_on_cpu_is_a_config_error(tmp_path, fashion_mnist_available, monkeypatch):
