@@ -3,6 +3,7 @@
 * ``tiny_cifar10``: ``cifar-10-batches-py/`` of 20 training and 10 test images, pickled the way torchvision's
   ``CIFAR10`` reads them (written by ``fake_cifar10.write_cifar10``, which the book's smoke run uses too).
 * ``tiny_imagenet``: an ImageFolder tree ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` of small JPEGs.
+* ``tiny_cifar10_config``: a factory of ``cifar10_resnet18`` configs (small CNN) over ``tiny_cifar10``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 def tiny_cifar10(tmp_path_factory) -> dict:
     """Root of a generated CIFAR-10 (``root/cifar-10-batches-py``) plus the arrays written, for checks."""
     return write_cifar10(tmp_path_factory.mktemp("cifar"), CIFAR_PER_TRAIN_BATCH, CIFAR_TEST)
+
+
+@pytest.fixture
+def tiny_cifar10_config(tiny_cifar10):
+    """``make(**overrides)`` -> the ``cifar10_resnet18`` config on ``tiny_cifar10`` with a small CNN, batch 4."""
+    from instdisc_lite import load_config
+
+    def make(**overrides):
+        values = {"data_root": str(tiny_cifar10["root"]), "arch": "small_cnn", "batch_size": 4, "num_workers": 0}
+        return load_config("cifar10_resnet18", {**values, **overrides})
+
+    return make
 
 
 @pytest.fixture(scope="session")
