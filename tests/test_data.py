@@ -109,7 +109,9 @@ def test_missing_imagenet_says_expected_layout(tmp_path, train):
 def test_train_reports_missing_dataset_before_building_anything(tmp_path):
     with pytest.raises(DatasetNotFoundError):
         instdisc_lite.train("cifar10_resnet18", {"data_root": str(tmp_path), "out_dir": str(tmp_path / "runs")})
-    assert not (tmp_path / "runs").exists()
+    # nothing of the run was written (out_dir holds only the hidden lock file that guarded the attempt)
+    assert not (tmp_path / "runs" / "cifar10_resnet18").exists()
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [".cifar10_resnet18.lock"]
 
 
 def test_cli_reports_missing_dataset(tmp_path, capsys):
