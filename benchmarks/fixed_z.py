@@ -105,14 +105,13 @@ def train_instrumented(config: TrainConfig, stat_every: int) -> dict:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         set_epoch(run.data.train_loader, epoch, config.seed)
-        run.model.train()
-        nce.train()
+        run.method.train()
         losses = []
         for step, (images, _, indices) in enumerate(run.data.train_loader):
             with torch.no_grad():
                 images = run.data.train_augment(images.to(run.device))
             indices = indices.to(run.device)
-            features = run.model(images)
+            features = run.encoder(images)  # the InstDisc method's step, opened up to record NCE's internals
             features.retain_grad()
             noise = nce.sample_noise(features.shape[0])
             loss = nce(features, indices, noise_indices=noise)

@@ -140,8 +140,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} is corrupt or truncated ({type(err).__name__}); delete it or start over with --overwrite "
             "(an interrupted save never leaves a partial checkpoint.pt, so this file was damaged afterwards)"
         ) from err
-    if not isinstance(state, dict) or not {"epoch", "config", "model"} <= state.keys():
-        raise CheckpointError(f"{path} is not an instdisc_lite checkpoint (no epoch/config/model entries)")
+    if not isinstance(state, dict) or not {"epoch", "config", "method"} <= state.keys():
+        raise CheckpointError(f"{path} is not an instdisc_lite checkpoint (no epoch/config/method entries)")
     return state
 
 

@@ -49,6 +49,8 @@ class TrainConfig:
     """Every knob of a run. Defaults are the paper's (CIFAR-10 / ResNet18 / NCE m=4096)."""
 
     name: str = "run"  # the run directory <out_dir>/<name>: one path component
+    # the method (instdisc_lite.methods): where the negatives come from and which loss scores them
+    method: str = "instdisc"  # instdisc | the family's methods registered in instdisc_lite.methods
     # data
     dataset: str = "cifar10"  # fashion_mnist | cifar10 | imagenet
     data_root: str = "data"
@@ -71,6 +73,13 @@ class TrainConfig:
     # random (official code) | features: fill the bank with the untrained encoder's features of the un-augmented
     # images before the first step, so the first epoch's positives are not random vectors (short runs)
     bank_init: str = "random"
+    # the family's own knobs (each used only by the methods that name it)
+    head_hidden_dim: int | None = None  # SimCLR's projection MLP: hidden width (None: the backbone's width)
+    queue_size: int = 4096  # MoCo's K keys in the FIFO queue (the paper's ImageNet setting: 65536)
+    key_momentum: float = 0.999  # MoCo's momentum encoder: theta_k <- m theta_k + (1 - m) theta_q
+    patch_size: int = 8  # CPC: side of the square patches of the grid
+    patch_stride: int = 4  # CPC: step between patches (half the size: overlapping, as in the paper)
+    prediction_steps: int = 2  # CPC: predict the rows 1..k below the context
     # optimisation: SGD with steps x lr_gamma at lr_milestones (fractions of the epochs: 120/200, 160/200)
     epochs: int = 200
     batch_size: int = 128  # per process; W processes train with a global batch of W x batch_size
@@ -287,8 +296,14 @@ def _architectures() -> list[str]:
     return list(ARCHITECTURES)
 
 
+def _methods() -> list[str]:
+    from .methods import METHODS  # lazily: the methods import this module
+
+    return list(METHODS)
+
+
 def _objectives() -> tuple[str, ...]:
-    from .train import OBJECTIVES  # lazily: train imports this module
+    from .methods.instdisc import OBJECTIVES  # lazily: the methods import this module
 
     return OBJECTIVES
 
@@ -309,6 +324,7 @@ _MOMENTUM = _real(0, 1, high_open=True)  # 1 would freeze the average
 # One rule per field (a test checks that none is missing).
 _RULES: dict[str, Check] = {
     "name": _name,
+    "method": _choice(_methods),
     "dataset": _choice(lambda: DATASETS),
     "data_root": _path,
     "train_subset": _OPTIONAL_POSITIVE_INT,
@@ -326,6 +342,12 @@ _RULES: dict[str, Check] = {
     "proximal": _NON_NEGATIVE,
     "bank_momentum": _MOMENTUM,
     "bank_init": _choice(lambda: BANK_INITS),
+    "head_hidden_dim": _OPTIONAL_POSITIVE_INT,
+    "queue_size": _POSITIVE_INT,
+    "key_momentum": _MOMENTUM,
+    "patch_size": _POSITIVE_INT,
+    "patch_stride": _POSITIVE_INT,
+    "prediction_steps": _POSITIVE_INT,
     "epochs": _POSITIVE_INT,
     "batch_size": _POSITIVE_INT,
     "lr": _POSITIVE,

@@ -665,6 +665,38 @@ class DataBundle:
     in_channels: int
     num_classes: int
     num_test: int
+    mean: tuple[float, ...] = ()  # the per-channel normalisation every image arrives with (to undo it: CMC's Lab)
+    std: tuple[float, ...] = ()
+
+    def views(self, images: torch.Tensor, num_views: int = 1) -> list[torch.Tensor]:
+        """``num_views`` independently augmented views ``(B, C, H, W)`` of a training batch, on its device.
+
+        In-memory data (Fashion-MNIST) arrives raw, ``(B, C, H, W)``, and is augmented here once per view; loader
+        data (CIFAR-10, ImageNet) arrives augmented, ``(B, C, H, W)`` for one view or ``(B, V, C, H, W)`` from
+        :class:`MultiView`, and is split into its views.
+        """
+        if images.dim() == 5:
+            if images.shape[1] != num_views:
+                raise ValueError(f"the loader made {images.shape[1]} views per image, the method needs {num_views}")
+            return [self.train_augment(v) for v in images.unbind(1)]
+        return [self.train_augment(images) for _ in range(num_views)]
+
+
+class MultiView:
+    """``transform`` applied ``num_views`` times to one image: ``(V, C, H, W)`` (two crops for two-view methods).
+
+    Under :class:`SeededItems` the views are drawn one after the other from the image's seeded RNG, so they are
+    different from each other and the same on every rerun.
+    """
+
+    def __init__(self, transform, num_views: int) -> None:
+        self.transform, self.num_views = transform, num_views
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.stack([self.transform(image) for _ in range(self.num_views)])
+
+    def __repr__(self) -> str:
+        return f"MultiView({self.transform!r}, num_views={self.num_views})"
 
 
 def set_epoch(loader, epoch: int, seed: int) -> None:
@@ -714,8 +746,11 @@ def _imagenet_subset(targets: list[int], size: int | None) -> list[int]:
     return stratified_subset(targets, size)
 
 
-def build_data(config, device: torch.device | str = "cpu") -> DataBundle:
-    """Datasets, loaders and augmentation for ``config`` (a :class:`~instdisc_lite.config.TrainConfig`)."""
+def build_data(config, device: torch.device | str = "cpu", num_views: int = 1) -> DataBundle:
+    """Datasets, loaders and augmentation for ``config`` (a :class:`~instdisc_lite.config.TrainConfig`).
+
+    ``num_views``: augmented views of each training image a step takes (:meth:`DataBundle.views`).
+    """
     pin = torch.device(device).type == "cuda"
     # more loader processes than CPUs only compete with the training step (Colab has 2 cores, configs ask for 4)
     nw, bs, seed, world = (
@@ -745,6 +780,8 @@ def build_data(config, device: torch.device | str = "cpu") -> DataBundle:
             in_channels=1,
             num_classes=10,
             num_test=n_test,
+            mean=FASHION_MNIST_MEAN,
+            std=FASHION_MNIST_STD,
         )
     if config.dataset == "cifar10":
         mean, std, size = CIFAR10_MEAN, CIFAR10_STD, 32
@@ -774,6 +811,8 @@ def build_data(config, device: torch.device | str = "cpu") -> DataBundle:
     else:
         raise ValueError(f"unknown dataset {config.dataset!r}; choose one of: fashion_mnist, cifar10, imagenet")
     check_batch_fits(bs, world, len(keep))
+    if num_views > 1 and config.augment != "none":
+        train.transform = MultiView(train.transform, num_views)
     labels = torch.as_tensor(train.targets)[keep]  # bank row i is subset position i
     train, train_eval, test = (
         PositionSubset(train, keep),
@@ -791,4 +830,6 @@ def build_data(config, device: torch.device | str = "cpu") -> DataBundle:
         in_channels=3,
         num_classes=num_classes,
         num_test=len(keep_test),
+        mean=mean,
+        std=std,
     )

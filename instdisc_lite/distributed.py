@@ -153,17 +153,20 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
-    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank; no-op in one process.
+    """Copy rank ``src``'s BatchNorm running statistics in ``module`` to every rank; no-op in one process.
 
     DDP broadcasts buffers at the start of each forward, so after an epoch's last step every rank holds
     statistics updated by its own last batch; evaluation and checkpoints need one set, the one rank 0 saves.
     """
     if not is_distributed():
         return
-    for buf in module.buffers():
-        comm = buf.to(collective_device())
-        dist.broadcast(comm, src=src)
-        buf.copy_(comm)
+    for layer in module.modules():
+        if not isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            continue  # banks and queues are kept equal by their gathered updates: don't send them again
+        for buf in layer.buffers(recurse=False):
+            comm = buf.to(collective_device())
+            dist.broadcast(comm, src=src)
+            buf.copy_(comm)
 
 
 def cleanup() -> None:

@@ -41,10 +41,8 @@ from .config import ConfigError, TrainConfig, config_from_dict, load_config, par
 from .data import DataBundle, build_data, set_epoch
 from .evaluate import extract_features, weighted_knn
 from .memory_bank import MemoryBank
-from .models import build_encoder
-from .nce import NCE
-from .nonparametric import NonParametricSoftmax
-from .parametric import ParametricSoftmax
+from .methods import METHODS, Method, build_method
+from .methods.instdisc import OBJECTIVES, build_objective
 from .run_dir import (
     RunExistsError,
     RunInUseError,
@@ -56,8 +54,6 @@ from .run_dir import (
     resume_changes,
 )
 from .schedule import learning_rate, lr_schedule
-
-OBJECTIVES = ("nce", "softmax", "parametric")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,49 +85,40 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
-def build_objective(config: TrainConfig, bank: MemoryBank) -> nn.Module:
-    """The loss named by ``config.objective``, reading ``bank`` where it needs one."""
-    if config.objective == "nce":
-        return NCE(
-            bank,
-            num_negatives=config.num_negatives,
-            temperature=config.temperature,
-            z_mode=config.z_mode,
-            z_momentum=config.z_momentum,
-            shared_negatives=config.shared_negatives,
-            proximal=config.proximal,
-        )
-    if config.objective == "softmax":
-        return NonParametricSoftmax(bank, temperature=config.temperature, proximal=config.proximal)
-    if config.objective == "parametric":
-        return ParametricSoftmax(config.low_dim, bank.num_items)
-    raise ConfigError(f"unknown objective {config.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
-
-
 @dataclass
 class Run:
     """The pieces of a run, built from a config (used by :func:`train` and by the book).
 
-    ``encoder`` and ``objective`` are the plain modules (their state is what a checkpoint stores); ``model`` and
-    ``loss_fn`` are what a training step calls: the same modules, wrapped for several processes (DDP) or
-    ``torch.compile`` where the config asks for it.
+    ``method`` is the plain module (its ``state_dict`` is what a checkpoint stores); ``model`` is what a training
+    step calls: the same module, wrapped for several processes (DDP) or ``torch.compile`` where the config asks.
+    ``encoder``, ``bank`` and ``objective`` are the method's (the objective is the method itself for methods
+    without a separate one).
     """
 
     config: TrainConfig
     device: torch.device
     data: DataBundle
-    encoder: nn.Module
-    bank: MemoryBank
-    objective: nn.Module
+    method: Method
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     run_dir: Path
     model: nn.Module
-    loss_fn: nn.Module
     epoch: int = 0  # epochs completed
     metrics: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_epoch: int | None = None  # epoch of the newest checkpoint on disk (None: none written yet)
     final: dict[str, float] | None = None  # final kNN with recomputed features, once the run has finished
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.method.encoder
+
+    @property
+    def bank(self) -> MemoryBank | None:
+        return self.method.bank
+
+    @property
+    def objective(self) -> nn.Module:
+        return getattr(self.method, "objective", self.method)
 
     @property
     def amp(self) -> bool:
@@ -144,41 +131,43 @@ def _wrap_ddp(module: nn.Module, device: torch.device, **kwargs: Any) -> nn.Modu
 
 
 def build_run(config: TrainConfig, device: torch.device | None = None, init_bank: bool = True) -> Run:
-    """Seed, then build data, encoder, bank, objective and optimiser for ``config``.
+    """Seed, then build data, the method (encoder, bank, objective, ...) and the optimiser for ``config``.
 
-    ``init_bank=False`` skips ``bank_init: features`` (a pass over the whole training set) when a
-    checkpoint's bank is about to replace it anyway, as on resume.
+    ``init_bank=False`` skips :meth:`Method.initialise` (InstDisc's ``bank_init: features`` is a pass over the whole
+    training set) when a checkpoint is about to replace the state anyway, as on resume.
     """
     device = device or distributed.init_from_env() or select_device(config.device)
     if distributed.is_distributed() and config.sync_bn and device.type != "cuda":  # before any data is read
         raise ConfigError(f"sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm), this run is on {device}; "
                           "set sync_bn=false")  # fmt: skip
+    if config.method not in METHODS:
+        raise ConfigError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
     torch.manual_seed(config.seed)
-    data = build_data(config, device)
-    encoder = build_encoder(config.arch, config.low_dim, data.in_channels).to(device)
+    data = build_data(config, device, num_views=METHODS[config.method].num_views)
+    method = build_method(config, data.num_train, data.in_channels)
     if distributed.is_distributed() and config.sync_bn:
-        encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)  # same state-dict keys as BatchNorm
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)  # same state-dict keys as BatchNorm
+    method = method.to(device)
     if device.type == "cuda" and config.channels_last:
-        encoder = encoder.to(memory_format=torch.channels_last)
-    bank = MemoryBank(data.num_train, config.low_dim, config.bank_momentum).to(device)
-    objective = build_objective(config, bank).to(device)
+        method = method.to(memory_format=torch.channels_last)
     data.train_augment.to(device)
     data.eval_transform.to(device)
-    params = list(encoder.parameters()) + list(objective.parameters())
+    params = [p for p in method.parameters() if p.requires_grad]  # not MoCo's key encoder
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay)
-    model, loss_fn = encoder, objective
+    model: nn.Module = method
     if distributed.is_distributed():
         torch.manual_seed(config.seed + distributed.rank())  # own noise/augmentation per rank; DDP syncs weights
-        model = _wrap_ddp(encoder, device)
-        if any(p.requires_grad for p in objective.parameters()):  # the parametric classifier: its gradients too
-            loss_fn = _wrap_ddp(objective, device, broadcast_buffers=False)  # the bank is kept equal by its update
+        # the whole method, so every trained parameter (heads, the parametric classifier) is averaged; banks and
+        # queues are kept equal by their gathered updates, BN statistics are taken from rank 0 after each epoch
+        ids = [device] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(method, device_ids=ids, broadcast_buffers=False)
     if config.compile:
         model = torch.compile(model)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     run_dir = Path(config.out_dir) / config.name
-    run = Run(config, device, data, encoder, bank, objective, optimizer, scaler, run_dir, model, loss_fn)
-    if config.bank_init == "features" and init_bank:  # skipped on resume: the checkpoint's bank replaces it
-        bank.fill(initial_features(run))
+    run = Run(config, device, data, method, optimizer, scaler, run_dir, model)
+    if init_bank:  # skipped on resume: the checkpoint's state replaces it
+        method.initialise(lambda encoder: initial_features(run, encoder))
     return run
 
 
@@ -191,18 +180,20 @@ def _gather_rows(rows: torch.Tensor, indices: torch.Tensor, num_items: int) -> t
 
 
 @torch.no_grad()
-def initial_features(run: Run) -> torch.Tensor:
-    """Features of every un-augmented training image, in train mode (batch-statistics BN, as the training steps
-    see them); the BN running statistics are restored afterwards, so the run's state is as before."""
-    saved = {k: v.clone() for k, v in run.encoder.state_dict().items()}
-    was_training = run.encoder.training
-    run.encoder.train()
+def initial_features(run: Run, encoder: nn.Module | None = None) -> torch.Tensor:
+    """Features ``(num_train, d)`` of every un-augmented training image by ``encoder`` (default: the run's), in
+    train mode (batch-statistics BN, as the training steps see them); the BN running statistics are restored
+    afterwards, so the run's state is as before."""
+    encoder = encoder if encoder is not None else run.encoder
+    saved = {k: v.clone() for k, v in encoder.state_dict().items()}
+    was_training = encoder.training
+    encoder.train()
     feats, idx = [], []
     for images, _, indices in run.data.train_eval_loader:
-        feats.append(run.encoder(run.data.eval_transform(images.to(run.device))).float())
+        feats.append(encoder(run.data.eval_transform(images.to(run.device))).float())
         idx.append(torch.as_tensor(indices, device=run.device))
-    run.encoder.load_state_dict(saved)
-    run.encoder.train(was_training)
+    encoder.load_state_dict(saved)
+    encoder.train(was_training)
     return _gather_rows(torch.cat(feats), torch.cat(idx), run.data.num_train)
 
 
@@ -211,19 +202,11 @@ def initial_features(run: Run) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _objective_state(objective: nn.Module) -> dict[str, Any]:
-    # the bank is saved once, on its own; don't store a second copy through the objective
-    return {k: v for k, v in objective.state_dict().items() if not k.startswith("bank.")}
-
-
 def _non_finite_state(run: Run) -> str | None:
-    """The name of the first NaN/inf parameter or buffer of the encoder, objective or bank (None if all finite)."""
-    named = [("encoder", run.encoder.state_dict()), ("objective", _objective_state(run.objective)),
-             ("bank", {"memory": run.bank.memory})]  # fmt: skip
-    for owner, state in named:
-        for key, tensor in state.items():
-            if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                return f"{owner}.{key}"
+    """The name of the first NaN/inf parameter or buffer of the method (None if all are finite)."""
+    for key, tensor in run.method.state_dict().items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return key
     return None
 
 
@@ -264,9 +247,7 @@ def save_run_checkpoint(run: Run, path: Path | None = None) -> Path:
             "epoch": run.epoch,
             "config": run.config.to_dict(),
             "world_size": distributed.world_size(),
-            "model": run.encoder.state_dict(),
-            "bank": run.bank.state_dict(),
-            "objective": _objective_state(run.objective),
+            "method": run.method.state_dict(),  # encoder(s), heads, banks, queues, Z
             "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),
             "rng": rng,  # one state per rank
@@ -277,17 +258,15 @@ def save_run_checkpoint(run: Run, path: Path | None = None) -> Path:
     return path
 
 
-def _load_module(module: nn.Module, state: dict[str, Any], what: str, path: Path, strict: bool = True) -> None:
+def _load_module(module: nn.Module, state: dict[str, Any], what: str, path: Path) -> None:
     try:
-        missing, unexpected = module.load_state_dict(strip_wrapper_prefixes(state), strict=strict)
+        module.load_state_dict(strip_wrapper_prefixes(state))
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
         raise CheckpointError(
             f"{path}: its {what} does not fit this run ({detail}); it was written with another config "
-            "(arch, low_dim, dataset, train_subset or objective) — resume with that config, or start over"
+            "(method, arch, low_dim, dataset, train_subset or objective) — resume with that config, or start over"
         ) from err
-    if not strict and (unexpected or any(not k.startswith("bank.") for k in missing)):
-        raise CheckpointError(f"{path}: its {what} does not fit this run: missing {missing}, unexpected {unexpected}")
 
 
 def _set_rank_rng(rng: Any, config: TrainConfig, epoch: int) -> None:
@@ -305,9 +284,9 @@ def load_run_checkpoint(run: Run, path: Path | None = None, state: dict[str, Any
     """Restore a built run from its checkpoint (``state``, if already loaded, else ``path``)."""
     path = path or run.run_dir / "checkpoint.pt"
     state = state if state is not None else load_checkpoint(path)  # on the CPU: float64 Z cannot map onto MPS
-    _load_module(run.encoder, state["model"], "model", path)
-    _load_module(run.bank, state["bank"], "memory bank", path)
-    _load_module(run.objective, state["objective"], "objective", path, strict=False)
+    if "method" not in state:
+        raise CheckpointError(f"{path} was written by an older instdisc_lite (no method state); start over")
+    _load_module(run.method, state["method"], "method state", path)
     try:
         run.optimizer.load_state_dict(state["optimizer"])
         run.scaler.load_state_dict(state["scaler"])
@@ -342,7 +321,6 @@ def train_one_epoch(run: Run) -> dict[str, float]:
         group["lr"] = lr
     set_epoch(run.data.train_loader, run.epoch, cfg.seed)
     model.train()
-    run.objective.train()
     steps = len(run.data.train_loader)
     if cfg.max_steps_per_epoch is not None:
         steps = min(steps, cfg.max_steps_per_epoch)
@@ -360,18 +338,17 @@ def train_one_epoch(run: Run) -> dict[str, float]:
         images = images.to(run.device, non_blocking=True)
         indices = indices.to(run.device, non_blocking=True)
         with torch.no_grad():
-            images = run.data.train_augment(images)
+            views = run.data.views(images, run.method.num_views)  # augmented on the device where it is cheap
         if run.device.type == "cuda" and cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
-            features = model(images)
-        loss = run.loss_fn(features, indices)
+            loss = model(views, indices)  # the method's loss (InstDisc: encode, then NCE over the bank)
         _check_finite(loss, run, step)
         opt.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(opt)
         run.scaler.update()
-        run.bank.update(indices, features.detach().float())  # the explicit bank step
+        run.method.after_step()  # the explicit no-grad step: InstDisc's bank update, MoCo's momentum + queue
         total += loss.detach()
         count += 1
         if step % 20 == 0:
@@ -383,7 +360,10 @@ def train_one_epoch(run: Run) -> dict[str, float]:
 
 
 def evaluate_bank(run: Run) -> dict[str, float]:
-    """Weighted kNN of freshly computed test features against the bank (the official monitor)."""
+    """Weighted kNN of freshly computed test features against the bank (the official monitor); a method without a
+    bank is monitored with recomputed training features instead."""
+    if run.bank is None:
+        return evaluate_final(run)
     test_f, test_l = extract_features(run.encoder, run.data.test_loader, run.device, run.data.eval_transform)
     res = weighted_knn(
         run.bank.memory, run.data.train_labels, test_f.to(run.device), test_l,
@@ -515,10 +495,9 @@ def _train_epochs(run: Run, stop_after: int | None, on_epoch_end: Callable[[Run]
     while run.epoch < config.epochs and (stop_after is None or run.epoch < stop_after):
         stats = train_one_epoch(run)
         run.epoch += 1
-        distributed.broadcast_buffers(run.encoder)  # one set of BN statistics for evaluation and the checkpoint
+        distributed.broadcast_buffers(run.method)  # one set of BN statistics for evaluation and the checkpoint
         row: dict[str, Any] = {"epoch": run.epoch, **stats}
-        if isinstance(run.objective, NCE):
-            row["z"] = run.objective.z.item()
+        row.update(run.method.epoch_stats())  # e.g. NCE's Z
         if run.epoch % config.eval_every == 0 or run.epoch == config.epochs:
             row.update(evaluate_bank(run))
         if on_epoch_end is not None:
@@ -542,14 +521,16 @@ def _finish(run: Run) -> None:
         last = run.metrics[-1] if run.metrics else {}
         result = {"name": run.config.name, "epochs": run.epoch, "elapsed": last.get("elapsed", 0.0),
                   "final_knn_top1": final["knn_top1"], "final_knn_top5": final["knn_top5"],
-                  "bank_knn_top1": last.get("knn_top1"), "world_size": distributed.world_size(),
+                  "bank_knn_top1": last.get("knn_top1"), "method": run.config.method,
+                  "world_size": distributed.world_size(),
                   "device": str(run.device), "torch": torch.__version__}  # fmt: skip
         atomic_write_text(json.dumps(result, indent=2) + "\n", run.run_dir / "results.json")
     run.final = final
 
 
 __all__ = [
-    "NonFiniteLossError", "Run", "RunExistsError", "RunInUseError", "TrainingInterrupted", "build_objective",
-    "build_run", "check_state_finite", "evaluate_bank", "evaluate_final", "initial_features", "learning_rate",
-    "load_run_checkpoint", "lr_schedule", "save_run_checkpoint", "select_device", "train", "train_one_epoch",
+    "OBJECTIVES", "NonFiniteLossError", "Run", "RunExistsError", "RunInUseError", "TrainingInterrupted",
+    "build_objective", "build_run", "check_state_finite", "evaluate_bank", "evaluate_final", "initial_features",
+    "learning_rate", "load_run_checkpoint", "lr_schedule", "save_run_checkpoint", "select_device", "train",
+    "train_one_epoch",
 ]  # fmt: skip
