@@ -254,8 +254,8 @@ def test_short_fashion_mnist_run_beats_the_untrained_network(fashion_mnist_avail
     from instdisc_lite import load_config, train
     from instdisc_lite.train import build_run, evaluate_final
 
-    overrides = dict(data_root=str(fashion_mnist_available), out_dir=str(tmp_path), train_subset=1024, epochs=3,
-                     batch_size=64, eval_every=3, eval_subset=1000, progress=False, device="cpu")  # fmt: skip
+    overrides = dict(data_root=str(fashion_mnist_available), out_dir=str(tmp_path), train_subset=1024, epochs=2,
+                     eval_every=2, eval_subset=1000, progress=False, device="cpu")  # fmt: skip
     untrained = evaluate_final(build_run(load_config("cpc_fashion_mnist_quick", overrides)))
     run = train("cpc_fashion_mnist_quick", overrides=overrides)
     assert run.final["knn_top1"] > untrained["knn_top1"] + 1.0, (run.final, untrained)
