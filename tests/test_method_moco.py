@@ -277,8 +277,10 @@ def test_short_fashion_mnist_run_beats_the_untrained_network(fashion_mnist_avail
     from instdisc_lite import load_config, train
     from instdisc_lite.train import build_run, evaluate_final
 
-    overrides = dict(data_root=str(fashion_mnist_available), out_dir=str(tmp_path), train_subset=2000, epochs=3,
-                     batch_size=128, queue_size=1024, key_momentum=0.9, eval_every=3, eval_subset=1000,
+    # 1,000 images x 4 epochs of batch 32 (124 steps; small batches: more updates for the same images): measured
+    # 45.7 -> 49.2 kNN top-1 with m = 0.9 (the quick config's 0.99 was measured on a larger run, not at this size)
+    overrides = dict(data_root=str(fashion_mnist_available), out_dir=str(tmp_path), train_subset=1000, epochs=4,
+                     batch_size=32, queue_size=512, key_momentum=0.9, eval_every=4, eval_subset=1000,
                      progress=False, device="cpu")  # fmt: skip
     untrained = evaluate_final(build_run(load_config("moco_fashion_mnist_quick", overrides)))
     run = train("moco_fashion_mnist_quick", overrides=overrides)

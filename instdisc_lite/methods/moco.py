@@ -40,9 +40,9 @@ the model "cheats" the pretext task: the loss drops fast and the representation 
 MoCo breaks the leak with *shuffling BN*: across GPUs the key batch is shuffled before the key encoder and
 unshuffled after, so a query and its positive key are normalised over different subsets of the batch. This version
 does **nothing** about it: on one device (and per process under DDP) the query and key batches hold the same
-images, each normalised over the whole (per-process) batch. SyncBatchNorm (``sync_bn``) should not remove it either:
-it makes both statistics global, still over the same images (our reasoning, not measured). Expect the leak to cost some accuracy relative to the
-paper's recipe on long runs.
+images, each normalised over the whole (per-process) batch. SyncBatchNorm (``sync_bn``) should not remove it
+either: it makes both statistics global, still over the same images (our reasoning, not measured). Expect the leak
+to cost some accuracy relative to the paper's recipe on long runs.
 
 Distributed (DDP): the loss is per process (each rank's queries against its own positives and the shared queue);
 the queue is replicated and kept identical on every rank by gathering the keys of all ranks before enqueueing;
