@@ -4,6 +4,9 @@
 * ``resnet18`` / ``resnet50``: torchvision ResNets with the final fc replaced by ``fc -> low_dim``.
 * ``small_cnn``: a four-layer CNN for 28x28 / 32x32 images that trains in minutes on a CPU.
 * ``small_cnn_fast``: the same with a stride-2 stem, about twice as fast (the CPU quick config).
+
+:func:`build_backbone` gives the same networks without their final Linear: the representation h that methods with a
+projection head (SimCLR) train through the head and evaluate directly.
 """
 
 from __future__ import annotations
@@ -100,3 +103,21 @@ def build_encoder(arch: str, low_dim: int = 128, in_channels: int = 3) -> Encode
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[arch](low_dim=low_dim, in_channels=in_channels)
+
+
+def build_backbone(arch: str, in_channels: int = 3) -> tuple[nn.Module, int]:
+    """The representation network of ``arch``: the Encoder's backbone without its final Linear (and unnormalised).
+
+    Returns ``(module, feature_dim)``, the module mapping ``(B, C, H, W) -> (B, feature_dim)``: the pooled features
+    the Linear to ``low_dim`` would read (256 for ``small_cnn``, 512 for the ResNet18s, 2048 for ResNet50).
+    """
+    net = build_encoder(arch, low_dim=1, in_channels=in_channels).backbone  # low_dim is irrelevant: the fc goes
+    if isinstance(net, nn.Sequential) and isinstance(net[-1], nn.Linear):  # small_cnn*: [..., pool, flatten, fc]
+        dim = net[-1].in_features
+        net[-1] = nn.Identity()  # (not sliced off: parameter names stay those of the Encoder's backbone)
+    elif isinstance(getattr(net, "fc", None), nn.Linear):  # torchvision ResNets: ... avgpool, flatten, fc
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+    else:  # a new architecture must say where its representation ends
+        raise TypeError(f"build_backbone does not know where the final Linear of {arch!r} is")
+    return net, dim
