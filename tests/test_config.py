@@ -28,6 +28,11 @@ def test_every_shipped_config_loads_with_its_yaml_values(name):
     assert isinstance(config, TrainConfig)
     assert config.name == name
     raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    if "base" in raw:  # a config built on another: its own keys override the base's
+        base = load_config(raw.pop("base"))
+        for key, value in base.to_dict().items():
+            if key not in raw and key != "name":
+                assert getattr(config, key) == value, key
     for key, value in raw.items():
         assert getattr(config, key) == value, key
     # every value has its declared type (ints widened to float where a float is declared)
@@ -397,3 +402,20 @@ def test_cli_valid_config_does_reach_the_data(no_data, tmp_path):
 def test_cli_show_parses_exponent_floats(capsys):
     assert main(["show", "--config", "fashion_mnist_quick", "--set", "lr=1e-3"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["lr"] == 0.001
+
+
+def test_base_key_builds_on_another_config_and_detects_loops(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: cifar10_resnet18\nepochs: 3\n")
+    config = load_config(child)
+    assert config.epochs == 3 and config.arch == "resnet18_cifar" and config.name == "child"
+    sibling = tmp_path / "grandchild.yaml"
+    sibling.write_text("base: child.yaml\nlr: 0.1\n")  # relative to the file
+    assert (load_config(sibling).lr, load_config(sibling).epochs) == (0.1, 3)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(loop)
+    with pytest.raises(ConfigError, match="no shipped config named 'nonexistent'"):
+        child.write_text("base: nonexistent\n")
+        load_config(child)

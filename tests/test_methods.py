@@ -69,3 +69,19 @@ def test_two_view_loader_yields_two_different_crops(tiny_cifar10):
     first, second = data.views(images, 2)
     assert not torch.equal(first, second)
     assert data.mean == (0.4914, 0.4822, 0.4465)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_trains_from_the_cli(name, tmp_path, capsys, fashion_mnist_available):
+    """``python -m instdisc_lite train --config <method>_fashion_mnist_quick``, shortened to one small epoch."""
+    from instdisc_lite.__main__ import main
+
+    config = f"{name}_fashion_mnist_quick"
+    code = main(["train", "--config", config, "--set", f"out_dir={tmp_path}", "train_subset=256", "eval_subset=100",
+                 "batch_size=32", "epochs=1", "progress=false", "device=cpu", "knn_k=20"])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    result = __import__("json").loads(out.out)
+    assert 0 <= result["final_knn_top1"] <= 100 and result["epoch"] == 1
+    saved = load_config(tmp_path / config / "config.yaml")
+    assert saved.method == name
