@@ -36,7 +36,7 @@ from ..models import build_encoder
 from ..nce import NCE
 from ..nonparametric import NonParametricSoftmax
 from ..views import BandSplit, LabSplit, build_view_split
-from .base import Method
+from .base import Method, full_precision
 
 CROSS_VIEW_OBJECTIVES = ("nce", "softmax")
 
@@ -144,10 +144,12 @@ class CMC(Method):
         """
         z1, z2 = self.encoder.encode_views(views[0])  # (B, d) each, unit norm
         self._step = (indices, z1.detach(), z2.detach())
-        if not isinstance(self.nce_1, NCE):  # the exact softmax: no noise to draw
-            return self.nce_1(z1, indices) + self.nce_2(z2, indices)
-        noise_1, noise_2 = noise_indices if noise_indices is not None else (None, None)
-        return self.nce_1(z1, indices, noise_indices=noise_1) + self.nce_2(z2, indices, noise_indices=noise_2)
+        z1, z2 = z1.float(), z2.float()
+        with full_precision(z1):  # scores against the banks in fp32 even under autocast (tau = 0.07)
+            if not isinstance(self.nce_1, NCE):  # the exact softmax: no noise to draw
+                return self.nce_1(z1, indices) + self.nce_2(z2, indices)
+            noise_1, noise_2 = noise_indices if noise_indices is not None else (None, None)
+            return self.nce_1(z1, indices, noise_indices=noise_1) + self.nce_2(z2, indices, noise_indices=noise_2)
 
     @torch.no_grad()
     def after_step(self) -> None:

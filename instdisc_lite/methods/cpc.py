@@ -37,7 +37,7 @@ from ..config import TrainConfig
 from ..infonce import info_nce, info_nce_logits
 from ..models import build_encoder
 from ..patches import patch_grid
-from .base import Method
+from .base import Method, full_precision
 
 
 class PatchEncoder(nn.Module):
@@ -150,7 +150,9 @@ class CPC(Method):
 
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
         z = self.encoder.patch_embeddings(views[0])  # (B, R, C, d)
-        return info_nce(cpc_logits(z, self.context(z), self.predictors, self.temperature))
+        context = self.context(z)
+        with full_precision(z):  # predictions and logits in fp32 even under autocast
+            return info_nce(cpc_logits(z.float(), context.float(), self.predictors, self.temperature))
 
 
 __all__ = ["CPC", "PatchEncoder", "RowCausalConv", "RowContext", "cpc_logits"]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..models import build_encoder
-from .base import Method
+from .base import Method, full_precision
 
 _LN2 = math.log(2.0)
 
@@ -88,7 +88,8 @@ class InvaSpread(Method):
 
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
         features, augmented = self.encoder(torch.cat(views[:2])).chunk(2)  # (B, low_dim) each, unit norm
-        return invaspread_loss(features, augmented, self.temperature)
+        with full_precision(features):
+            return invaspread_loss(features.float(), augmented.float(), self.temperature)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature}"

@@ -61,7 +61,7 @@ from ..config import ConfigError, TrainConfig
 from ..infonce import info_nce, info_nce_logits
 from ..models import build_encoder
 from ..queue import KeyQueue
-from .base import Method
+from .base import Method, full_precision
 
 
 @torch.no_grad()
@@ -102,9 +102,10 @@ class MoCo(Method):
         q = self.encoder(views[0])  # (B, d), unit norm
         with torch.no_grad():
             k = self.key_encoder(views[1])  # (B, d); BN in the module's mode (train during training), as official
-        logits = info_nce_logits(q, k, self.queue.get(), self.temperature)  # (B, 1 + K): [q.k+, q.queue] / tau
         self._keys = k.detach()
-        return info_nce(logits)  # cross-entropy with labels 0: column 0 is the positive
+        with full_precision(q):  # (B, 1 + K) logits [q.k+, q.queue] / tau, in fp32 even under autocast
+            logits = info_nce_logits(q.float(), k.float(), self.queue.get().float(), self.temperature)
+            return info_nce(logits)  # cross-entropy with labels 0: column 0 is the positive
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..infonce import info_nce
 from ..models import build_backbone
-from .base import Method
+from .base import Method, full_precision
 
 
 def nt_xent_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -90,7 +90,8 @@ class SimCLR(Method):
 
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
         z1, z2 = self.project(torch.cat(views[:2])).chunk(2)  # (B, low_dim) each
-        return nt_xent(z1, z2, self.temperature)
+        with full_precision(z1):
+            return nt_xent(z1.float(), z2.float(), self.temperature)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, feature_dim={self.feature_dim}, temperature={self.temperature}"
