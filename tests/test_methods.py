@@ -85,3 +85,24 @@ def test_every_method_trains_from_the_cli(name, tmp_path, capsys, fashion_mnist_
     assert 0 <= result["final_knn_top1"] <= 100 and result["epoch"] == 1
     saved = load_config(tmp_path / config / "config.yaml")
     assert saved.method == name
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_one_real_step_of_every_cifar10_config(name, tiny_cifar10, tmp_path):
+    """``<method>_cifar10`` (InstDisc: ``cifar10_resnet18``) runs one step on generated CIFAR-10 and moves weights."""
+    import math
+
+    from instdisc_lite import train
+    from instdisc_lite.train import build_run
+
+    config = "cifar10_resnet18" if name == "instdisc" else f"{name}_cifar10"
+    overrides = dict(
+        data_root=str(tiny_cifar10["root"]), out_dir=str(tmp_path), epochs=1, max_steps_per_epoch=1, batch_size=4,
+        num_workers=0, progress=False, device="cpu", arch="small_cnn",
+    )  # fmt: skip
+    before = build_run(load_config(config, overrides)).method.state_dict()
+    run = train(config, overrides)
+    assert isinstance(run.method, METHODS[name]) and run.epoch == 1 and math.isfinite(run.metrics[-1]["loss"])
+    after = run.method.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))  # the step moved them
+    assert (tmp_path / config / "checkpoint.pt").exists() and "knn_top1" in run.final
