@@ -54,10 +54,10 @@ def extract_features(
     features, labels = torch.cat(feats), torch.cat(labels).long()
     if not gather:
         return features, labels
-    return _gather_by_index(features, labels, torch.cat(indices).long())
+    return gather_by_index(features, labels, torch.cat(indices).long())
 
 
-def _gather_by_index(
+def gather_by_index(
     features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's ``(B_r, d)`` features and ``(B_r,)`` labels, as ``(N, d)`` and ``(N,)`` sorted by ``indices``."""

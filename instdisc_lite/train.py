@@ -39,7 +39,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides, save_config
 from .data import DataBundle, build_data, set_epoch
-from .evaluate import extract_features, weighted_knn
+from .evaluate import extract_features, gather_by_index, weighted_knn
 from .memory_bank import MemoryBank
 from .methods import METHODS, Method, build_method
 from .methods.instdisc import OBJECTIVES, build_objective
@@ -125,11 +125,6 @@ class Run:
         return self.config.amp and self.device.type == "cuda"
 
 
-def _wrap_ddp(module: nn.Module, device: torch.device, **kwargs: Any) -> nn.Module:
-    ids = [device] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, **kwargs)
-
-
 def build_run(config: TrainConfig, device: torch.device | None = None, init_bank: bool = True) -> Run:
     """Seed, then build data, the method (encoder, bank, objective, ...) and the optimiser for ``config``.
 
@@ -171,14 +166,6 @@ def build_run(config: TrainConfig, device: torch.device | None = None, init_bank
     return run
 
 
-def _gather_rows(rows: torch.Tensor, indices: torch.Tensor, num_items: int) -> torch.Tensor:
-    """Rows computed for ``indices`` on every rank, placed at those indices: ``(num_items, d)`` on every rank."""
-    rows, indices = distributed.all_gather_varlen(rows), distributed.all_gather_varlen(indices.to(rows.device))
-    out = torch.empty(num_items, rows.shape[1], dtype=rows.dtype, device=rows.device)
-    out[indices] = rows
-    return out
-
-
 @torch.no_grad()
 def initial_features(run: Run, encoder: nn.Module | None = None) -> torch.Tensor:
     """Features ``(num_train, d)`` of every un-augmented training image by ``encoder`` (default: the run's), in
@@ -188,13 +175,15 @@ def initial_features(run: Run, encoder: nn.Module | None = None) -> torch.Tensor
     saved = {k: v.clone() for k, v in encoder.state_dict().items()}
     was_training = encoder.training
     encoder.train()
-    feats, idx = [], []
-    for images, _, indices in run.data.train_eval_loader:
+    feats, labels, idx = [], [], []
+    for images, targets, indices in run.data.train_eval_loader:
         feats.append(encoder(run.data.eval_transform(images.to(run.device))).float())
+        labels.append(torch.as_tensor(targets, device=run.device))
         idx.append(torch.as_tensor(indices, device=run.device))
     encoder.load_state_dict(saved)
     encoder.train(was_training)
-    return _gather_rows(torch.cat(feats), torch.cat(idx), run.data.num_train)
+    features, _ = gather_by_index(torch.cat(feats), torch.cat(labels), torch.cat(idx))  # every rank's shard, in order
+    return features
 
 
 # ----------------------------------------------------------------------------------------------
