@@ -106,3 +106,22 @@ def test_one_real_step_of_every_cifar10_config(name, tiny_cifar10, tmp_path):
     after = run.method.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))  # the step moved them
     assert (tmp_path / config / "checkpoint.pt").exists() and "knn_top1" in run.final
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["invaspread", "simclr"])
+def test_short_run_of_an_in_batch_method_beats_the_untrained_network(name, tmp_path, fashion_mnist_available):
+    """The in-batch methods (one test for both: same protocol); the others' own test files size theirs."""
+    from instdisc_lite import train
+    from instdisc_lite.train import build_run, evaluate_final
+
+    config = load_config(
+        f"{name}_fashion_mnist_quick",
+        dict(data_root=str(fashion_mnist_available), out_dir=str(tmp_path), train_subset=2000, eval_subset=1000,
+             epochs=2, batch_size=128, eval_every=2, progress=False, device="cpu"),
+    )  # fmt: skip
+    untrained = evaluate_final(build_run(config))["knn_top1"]
+    run = train(config)
+    losses = [row["loss"] for row in run.metrics]
+    assert losses[-1] < losses[0]
+    assert run.final["knn_top1"] > untrained + 2.0, (untrained, run.final["knn_top1"])
