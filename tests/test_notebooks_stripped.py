@@ -75,3 +75,18 @@ def test_kernelspec_python3(notebook):
     kernelspec = nb.metadata.get("kernelspec", {})
     assert kernelspec.get("name") == "python3", f"{name}: kernelspec must be python3, got {kernelspec!r}"
     assert kernelspec.get("language", "python") == "python", f"{name}: kernelspec language must be python"
+
+
+def test_toc_lists_every_notebook_and_the_smoke_run_every_chapter():
+    import importlib.util
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    listed = [toc["root"]] + [entry["file"] for entry in toc["chapters"]]
+    notebooks = [f"book/{p.stem}" for p in NOTEBOOKS]
+    assert sorted(set(notebooks) - set(listed)) == [], "a notebook in book/ is missing from _toc.yml"
+    chapters = [n for n in listed if n.endswith(tuple(p.stem for p in NOTEBOOKS))]
+    assert chapters == sorted(chapters), f"_toc.yml must list the chapters in file-number order: {chapters}"
+    spec = importlib.util.spec_from_file_location("book_smoke", ROOT / "tools" / "book_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    assert [f"book/{p.stem}" for p in smoke.default_chapters()] == notebooks, "book-smoke must run every notebook"

@@ -7,7 +7,7 @@ with ``INSTDISC_BOOK_MODE=full INSTDISC_BOOK_SMOKE=1``: the full configs, models
 capped by ``instdisc_lite.book.SMOKE_CAP`` and the claims about learning skipped. The runs the chapters write
 (``runs/book/<name>/``: metrics, checkpoints, results) stay in ``_build/smoke/book/`` for inspection.
 
-    python tools/book_smoke.py [chapter.ipynb ...]      # default: every book/0*.ipynb
+    python tools/book_smoke.py [chapter.ipynb ...]      # default: every chapter, book/NN_*.ipynb
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ from instdisc_lite.book import SMOKE_CAP  # noqa: E402
 OUT = ROOT / "_build" / "smoke" / "book"
 
 
+def default_chapters() -> list[Path]:
+    """Every numbered chapter, ``book/NN_name.ipynb`` (the preface too: it reports the mode)."""
+    return sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+
+
 def main(argv: list[str]) -> int:
-    chapters = [Path(a).resolve() for a in argv] or sorted((ROOT / "book").glob("0*.ipynb"))
+    chapters = [Path(a).resolve() for a in argv] or default_chapters()
     missing = [str(c) for c in chapters if not c.is_file()]
     if missing:
         print(f"no such notebook: {', '.join(missing)}", file=sys.stderr)
