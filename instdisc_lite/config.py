@@ -29,7 +29,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 # Choices that live nowhere else (the datasets, augmentations and bank initialisations are plain strings in
 # data.py / train.py). The architectures, objectives and Z modes are read from their modules (see _RULES).
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
-AUGMENTS = ("paper", "none")
+AUGMENTS = ("paper", "crop_flip", "none")
 BANK_INITS = ("random", "features")
 MAX_NAME_LENGTH = 100
 # The seed feeds torch.Generator().manual_seed(seed * 100003 + epoch) and numpy-style seeding: keep it in 32 bits.
@@ -55,7 +55,7 @@ class TrainConfig:
     dataset: str = "cifar10"  # fashion_mnist | cifar10 | imagenet
     data_root: str = "data"
     train_subset: int | None = None  # train on the first N images (a quick setting); None = all
-    augment: str = "paper"  # paper | none
+    augment: str = "paper"  # paper | crop_flip (no colour or intensity changes: CMC's colour views) | none
     crop_scale: float = 0.2  # smallest RandomResizedCrop area fraction (paper: 0.2)
     num_workers: int = 2  # loader processes, at most the CPUs available
     # encoder

@@ -426,13 +426,17 @@ class SeededItems(Dataset):
 # ----------------------------------------------------------------------------------------------
 
 
-def paper_train_transform(size: int, mean, std, scale: tuple[float, float] = (0.2, 1.0)) -> T.Compose:
+def paper_train_transform(
+    size: int, mean, std, scale: tuple[float, float] = (0.2, 1.0), colour: bool = True
+) -> T.Compose:
     """The paper's augmentation: RandomResizedCrop(``scale``; the paper's 0.2-1), ColorJitter(0.4 x4),
-    RandomGrayscale(0.2), horizontal flip."""
+    RandomGrayscale(0.2), horizontal flip. ``colour=False`` (``augment: crop_flip``) keeps the crop and the flip
+    only: for CMC, whose views *are* colour channels, a grayscale crop would leave the ab view empty and hue or
+    saturation jitter would change mostly that view."""
+    colour_ops = [T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomGrayscale(p=0.2)] if colour else []
     return T.Compose([
         T.RandomResizedCrop(size, scale=scale),
-        T.ColorJitter(0.4, 0.4, 0.4, 0.4),
-        T.RandomGrayscale(p=0.2),
+        *colour_ops,
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(mean, std),
@@ -768,7 +772,8 @@ def build_data(config, device: torch.device | str = "cpu", num_views: int = 1) -
         if config.augment == "none":
             augment: nn.Module = Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
         else:
-            augment = BatchAugment(FASHION_MNIST_MEAN, FASHION_MNIST_STD, scale=(config.crop_scale, 1.0))
+            jitter = 0.0 if config.augment == "crop_flip" else 0.4  # crop_flip: no brightness/contrast jitter
+            augment = BatchAugment(FASHION_MNIST_MEAN, FASHION_MNIST_STD, scale=(config.crop_scale, 1.0), jitter=jitter)
         return DataBundle(
             train_loader=TensorBatchLoader(data, targets, bs, shuffle=True, drop_last=True, seed=seed),
             train_eval_loader=TensorBatchLoader(data, targets, EVAL_BATCH_TENSOR, shuffle=False),
@@ -787,7 +792,9 @@ def build_data(config, device: torch.device | str = "cpu", num_views: int = 1) -
         mean, std, size = CIFAR10_MEAN, CIFAR10_STD, 32
         eval_tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
         train_tf = (
-            paper_train_transform(size, mean, std, (config.crop_scale, 1.0)) if config.augment != "none" else eval_tf
+            paper_train_transform(size, mean, std, (config.crop_scale, 1.0), colour=config.augment == "paper")
+            if config.augment != "none"
+            else eval_tf
         )
         train = CIFAR10Instance(config.data_root, train=True, transform=train_tf)
         train_eval = CIFAR10Instance(config.data_root, train=True, transform=eval_tf)
@@ -800,7 +807,9 @@ def build_data(config, device: torch.device | str = "cpu", num_views: int = 1) -
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
         train_tf = (
-            paper_train_transform(224, mean, std, (config.crop_scale, 1.0)) if config.augment != "none" else eval_tf
+            paper_train_transform(224, mean, std, (config.crop_scale, 1.0), colour=config.augment == "paper")
+            if config.augment != "none"
+            else eval_tf
         )
         train = imagenet_split(config.data_root, True, train_tf)
         train_eval = imagenet_split(config.data_root, True, eval_tf)

@@ -24,7 +24,10 @@ class MemoryBank(nn.Module):
             ``momentum=0`` replaces rows with the newest features.
         generator: optional RNG for the random initialisation (reproducible banks).
 
-    The bank is a registered buffer: it moves with ``.to(device)`` and is saved in ``state_dict``.
+    The bank is a registered buffer: it moves with ``.to(device)`` and is saved in ``state_dict``. So is its
+    bookkeeping of *staleness*: ``updates`` counts the calls to :meth:`update` (training steps) and
+    ``written_at[i]`` is the value it had when row i was last written (0 for the initial rows), so
+    :meth:`age` says how many steps old each stored feature is (MoCo's argument against banks, chapter 8).
     """
 
     def __init__(
@@ -44,6 +47,8 @@ class MemoryBank(nn.Module):
         self.momentum = momentum
         init = torch.randn(num_items, dim, generator=generator)
         self.register_buffer("memory", F.normalize(init, dim=1))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # steps that wrote the bank
+        self.register_buffer("written_at", torch.zeros(num_items, dtype=torch.long))  # `updates` at each row's write
 
     def __len__(self) -> int:
         return self.num_items
@@ -86,6 +91,13 @@ class MemoryBank(nn.Module):
             idx = unique
         mixed = self.memory[idx] * self.momentum + features * (1.0 - self.momentum)
         self.memory[idx] = F.normalize(mixed, dim=1)
+        self.updates += 1
+        self.written_at[idx] = self.updates
+
+    def age(self) -> torch.Tensor:
+        """``(num_items,)`` steps since each row was last written: 0 for the rows of the last update; a row
+        never written since the start (or the last :meth:`fill`) has the age of the bank."""
+        return self.updates - self.written_at
 
     @torch.no_grad()
     def fill(self, features: torch.Tensor) -> None:
@@ -93,6 +105,7 @@ class MemoryBank(nn.Module):
         if features.shape != self.memory.shape:
             raise ValueError(f"fill expects shape {tuple(self.memory.shape)}, got {tuple(features.shape)}")
         self.memory.copy_(F.normalize(features.to(self.memory), dim=1))
+        self.written_at.fill_(int(self.updates))  # every row is fresh
 
     def extra_repr(self) -> str:
         return f"num_items={self.num_items}, dim={self.dim}, momentum={self.momentum}"

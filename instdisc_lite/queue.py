@@ -24,7 +24,10 @@ class KeyQueue(nn.Module):
         dim: d, the key dimension (128).
         generator: optional RNG for the random initialisation.
 
-    Both buffers are in ``state_dict``: a resumed run continues with the same keys *and* the same next slot.
+    The buffers are in ``state_dict``: a resumed run continues with the same keys *and* the same next slot. Beside
+    the keys the queue records whose they are: ``owners[j]`` is the dataset index of the image key j was computed
+    from (-1 for the random initial keys) and ``written_at[j]`` the ``updates`` count (enqueues so far) when it was
+    written, so :meth:`age` gives each key's age in steps (chapter 8 measures how consistent old keys are).
     """
 
     def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:
@@ -35,6 +38,9 @@ class KeyQueue(nn.Module):
         self.dim = dim
         self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # the slot the next key goes to (the oldest)
+        self.register_buffer("owners", torch.full((size,), -1, dtype=torch.long))  # image index of each key
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # enqueues so far (training steps)
+        self.register_buffer("written_at", torch.zeros(size, dtype=torch.long))  # `updates` when each key came in
 
     def __len__(self) -> int:
         return self.size
@@ -44,8 +50,9 @@ class KeyQueue(nn.Module):
         return self.keys.detach()
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
+    def enqueue(self, keys: torch.Tensor, owners: torch.Tensor | None = None) -> None:
         """Write ``keys`` ``(B, dim)`` into the B oldest slots, in order, and advance the pointer by B (mod K).
+        ``owners`` ``(B,)``: the dataset indices of the keys' images (bookkeeping only; -1 when not given).
 
         The slots are ``ptr, ptr + 1, ..., ptr + B - 1`` modulo K, so a batch that runs past the end of the buffer
         continues at row 0: any B <= K works (the official code asserts ``K % B == 0`` instead, which rules out an
@@ -57,7 +64,12 @@ class KeyQueue(nn.Module):
         """
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"enqueue expects keys of shape (B, {self.dim}), got {tuple(keys.shape)}")
+        if owners is None:
+            owners = torch.full((keys.shape[0],), -1, dtype=torch.long)
+        if owners.shape != keys.shape[:1]:
+            raise ValueError(f"enqueue expects owners of shape ({keys.shape[0]},), got {tuple(owners.shape)}")
         keys = distributed.all_gather_varlen(keys.detach().to(self.keys))
+        owners = distributed.all_gather_varlen(owners.to(self.owners))
         b = keys.shape[0]
         if b > self.size:
             raise ValueError(
@@ -67,6 +79,13 @@ class KeyQueue(nn.Module):
         slots = (self.ptr + torch.arange(b, device=self.keys.device)) % self.size  # wraps past the end
         self.keys[slots] = keys
         self.ptr.copy_((self.ptr + b) % self.size)
+        self.updates += 1
+        self.owners[slots] = owners
+        self.written_at[slots] = self.updates
+
+    def age(self) -> torch.Tensor:
+        """``(K,)`` enqueues since each key was written: 0 for the last batch's keys."""
+        return self.updates - self.written_at
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}"

@@ -108,3 +108,16 @@ def test_fill_normalises():
     raw = torch.randn(5, 3, generator=torch.Generator().manual_seed(7)) * 4
     bank.fill(raw)
     torch.testing.assert_close(bank.memory, unit(raw))
+
+
+def test_age_counts_steps_since_each_row_was_written():
+    bank = MemoryBank(6, 4)
+    assert bank.age().tolist() == [0] * 6
+    bank.update(torch.tensor([0, 2]), random_features(2, 4, seed=0))
+    bank.update(torch.tensor([2, 5, 5]), random_features(3, 4, seed=1))  # a repeated index is one write
+    bank.update(torch.tensor([1]), random_features(1, 4, seed=2))
+    assert bank.age().tolist() == [2, 0, 1, 3, 3, 1]  # never written: as old as the bank
+    bank.fill(random_features(6, 4, seed=3))
+    assert bank.age().tolist() == [0] * 6
+    state = bank.state_dict()
+    assert int(state["updates"]) == 3 and set(state) == {"memory", "updates", "written_at"}  # resumed exactly

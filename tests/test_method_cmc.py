@@ -220,3 +220,24 @@ def test_short_fashion_mnist_run_beats_the_untrained_encoders(tmp_path, fashion_
     untrained = evaluate_final(build_run(config))["knn_top1"]
     run = train(config)
     assert run.final["knn_top1"] > untrained + 3.0, (untrained, run.final["knn_top1"])
+
+
+def test_cifar10_config_keeps_colour_out_of_the_augmentation(tiny_cifar10):
+    """L and ab are the views: a grayscale crop (ab = 0) or a hue jitter would damage the ab view alone."""
+    from torchvision import transforms as T
+
+    from instdisc_lite.data import build_data
+
+    def ops(config_name: str, **overrides) -> set[type]:
+        config = load_config(config_name, {"data_root": str(tiny_cifar10["root"]), "batch_size": 4, **overrides})
+        dataset = build_data(config, num_views=1).train_loader.dataset
+        while not hasattr(dataset, "transform"):  # unwrap SeededItems / PositionSubset down to the CIFAR-10 set
+            dataset = dataset.dataset
+        return {type(op) for op in dataset.transform.transforms}
+
+    assert load_config("cmc_cifar10").augment == "crop_flip"
+    cmc = ops("cmc_cifar10")
+    assert T.RandomResizedCrop in cmc and T.RandomHorizontalFlip in cmc
+    assert not cmc & {T.ColorJitter, T.RandomGrayscale}, f"CMC's colour views got colour augmentation: {cmc}"
+    assert {T.ColorJitter, T.RandomGrayscale} <= ops("cmc_cifar10", augment="paper")  # the knob, not the method
+    assert {T.ColorJitter, T.RandomGrayscale} <= ops("cifar10_resnet18")

@@ -72,6 +72,34 @@ def test_queue_is_fifo_and_wraps_like_a_list():
         assert torch.equal(queue.keys, torch.stack([rows[s] for s in slots])), step
 
 
+def test_queue_records_whose_each_key_is_and_how_old():
+    queue = KeyQueue(K, DIM)  # K = 10
+    assert torch.equal(queue.owners, torch.full((K,), -1))
+    assert torch.equal(queue.age(), torch.zeros(K, dtype=torch.long))
+    owner_of = [-1] * K  # the transcription: slot -> image index, slot -> step it was written at
+    step_of = [0] * K
+    ptr = 0
+    for step, owners in enumerate([[3, 1, 4, 1], [5, 9, 2, 6], [5, 3, 5]], start=1):  # the third wraps past slot 9
+        queue.enqueue(torch.randn(len(owners), DIM), torch.tensor(owners))
+        for owner in owners:
+            owner_of[ptr], step_of[ptr] = owner, step
+            ptr = (ptr + 1) % K
+        assert queue.owners.tolist() == owner_of
+        assert queue.age().tolist() == [step - s for s in step_of]  # 0 for the newest keys
+    queue.enqueue(torch.randn(2, DIM))  # owners not given: recorded as unknown, the age still counts
+    assert queue.owners[[1, 2]].tolist() == [-1, -1] and queue.age()[[1, 2]].tolist() == [0, 0]
+    with pytest.raises(ValueError, match=r"owners of shape \(2,\)"):
+        queue.enqueue(torch.randn(2, DIM), torch.tensor([1, 2, 3]))
+
+
+def test_moco_enqueues_the_indices_of_the_keys_images():
+    method = _method()
+    indices = torch.tensor([7, 0, 3, 11])
+    method(_views(0, b=4), indices)
+    method.after_step()
+    assert method.queue.owners[:4].tolist() == indices.tolist() and int(method.queue.updates) == 1
+
+
 def test_queue_refuses_a_batch_larger_than_itself():
     queue = KeyQueue(K, DIM)
     with pytest.raises(ValueError, match="must not exceed queue_size"):
@@ -106,6 +134,7 @@ def test_queue_gathers_keys_of_all_ranks(tmp_path):
         reference.enqueue(torch.cat([torch.full((r + 2, DIM), float(10 * step + r)) for r in range(2)]))
     for state in states:
         assert torch.equal(state["keys"], reference.keys) and int(state["ptr"]) == int(reference.ptr) == 5
+        assert torch.equal(state["owners"], reference.owners) and torch.equal(state["written_at"], reference.written_at)
 
 
 # ------------------------------------------------------------------------------------------------

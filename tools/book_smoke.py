@@ -12,6 +12,7 @@ capped by ``instdisc_lite.book.SMOKE_CAP`` and the claims about learning skipped
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -39,6 +40,13 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"no such notebook: {', '.join(missing)}", file=sys.stderr)
         return 2
+    OUT.parent.parent.mkdir(parents=True, exist_ok=True)
+    with open(OUT.parent.parent / ".smoke.lock", "w") as lock:  # a second smoke run waits: both use OUT
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _run(chapters)
+
+
+def _run(chapters: list[Path]) -> int:
     shutil.rmtree(OUT.parent, ignore_errors=True)
     OUT.mkdir(parents=True)
     for chapter in chapters:

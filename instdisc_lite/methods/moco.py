@@ -97,12 +97,13 @@ class MoCo(Method):
         self.temperature = config.temperature
         self.key_momentum = config.key_momentum
         self._keys: torch.Tensor | None = None  # this step's keys, enqueued in after_step
+        self._owners: torch.Tensor | None = None  # and the indices of their images
 
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
         q = self.encoder(views[0])  # (B, d), unit norm
         with torch.no_grad():
             k = self.key_encoder(views[1])  # (B, d); BN in the module's mode (train during training), as official
-        self._keys = k.detach()
+        self._keys, self._owners = k.detach(), indices
         with full_precision(q):  # (B, 1 + K) logits [q.k+, q.queue] / tau, in fp32 even under autocast
             logits = info_nce_logits(q.float(), k.float(), self.queue.get().float(), self.temperature)
             return info_nce(logits)  # cross-entropy with labels 0: column 0 is the positive
@@ -112,8 +113,8 @@ class MoCo(Method):
         if self._keys is None:  # no forward since the last update
             return
         momentum_update(self.key_encoder, self.encoder, self.key_momentum)  # kappa_{t+1}: see the module doc
-        self.queue.enqueue(self._keys)  # after the loss read the queue: a batch is never its own negatives
-        self._keys = None
+        self.queue.enqueue(self._keys, self._owners)  # after the loss read the queue: never its own negatives
+        self._keys = self._owners = None
 
     def epoch_stats(self) -> dict[str, Any]:
         """``key_lag`` = ||theta_k - theta_q|| / ||theta_q||: how far the key encoder trails (0 = a copy)."""
