@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     tr.add_argument("--resume", action="store_true", help="continue runs/<name>/checkpoint.pt exactly")
     tr.add_argument("--overwrite", action="store_true", help="delete runs/<name> and start over")
+    rep = sub.add_parser("reproduce", help="run one of the paper's studies (a grid of runs) into results/")
+    rep.add_argument("study", help="table1, temperature, embedding, proximal, z or train_size")
+    rep.add_argument("--scale", default="quick", help="quick (Fashion-MNIST, CPU) or full (CIFAR-10 ResNet18, GPU)")
+    rep.add_argument("--jobs", type=int, default=1, help="arms trained at once (processes)")
+    rep.add_argument("--results", default="results", help="where the result files go (default: results/)")
     sub.add_parser("configs", help="list the shipped configs and the valid config keys")
     show = sub.add_parser("show", help="print a resolved config as YAML")
     show.add_argument("--config", required=True)
@@ -42,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "reproduce":
+            return _reproduce(args.study, args.scale, args.jobs, args.results)
         if args.command == "configs":
             print("shipped configs:", ", ".join(shipped_configs()))
             print("config keys:", ", ".join(TrainConfig.field_names()))
@@ -56,6 +63,28 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _reproduce(study: str, scale: str, jobs: int, results: str) -> int:
+    from .data import DatasetError
+    from .reproduce import SCALES, STUDIES, reproduce
+
+    if study not in STUDIES:
+        raise ConfigError(f"unknown study {study!r}; choose one of: {', '.join(STUDIES)}")
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
+    try:
+        reproduce(study, scale, jobs, results)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"error: interrupted; run the same command again to continue ({study}: finished arms are kept)",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
 
 
 def _train(config: TrainConfig, resume: bool, overwrite: bool) -> int:

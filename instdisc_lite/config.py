@@ -62,7 +62,7 @@ class TrainConfig:
     arch: str = "resnet18_cifar"  # small_cnn | small_cnn_fast | resnet18_cifar | resnet18 | resnet50
     low_dim: int = 128
     # objective
-    objective: str = "nce"  # nce | softmax (non-parametric) | parametric
+    objective: str = "nce"  # nce | softmax (non-parametric) | parametric | cosine (parametric, normalised weights, tau)
     temperature: float = 0.07
     num_negatives: int = 4096
     shared_negatives: bool = False
@@ -112,6 +112,8 @@ class TrainConfig:
     out_dir: str = "runs"
     checkpoint_every: int = 1
     progress: bool = True
+    # also record every step's loss in the epoch's metrics row (`step_loss`): the proximal study's oscillation plot
+    log_step_loss: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -372,6 +374,7 @@ _RULES: dict[str, Check] = {
     "out_dir": _path,
     "checkpoint_every": _POSITIVE_INT,
     "progress": _boolean,
+    "log_step_loss": _boolean,
 }
 
 

@@ -30,7 +30,7 @@ except ImportError:  # Windows: no advisory locks; runs are then not protected a
 # ``epochs`` is allowed too, when the lr schedule of the epochs already trained stays the same.
 RESUMABLE_CHANGES = frozenset({
     "device", "num_workers", "progress", "compile", "amp", "channels_last", "data_root", "out_dir",
-    "eval_every", "eval_subset", "knn_k", "knn_temperature", "checkpoint_every", "sync_bn",
+    "eval_every", "eval_subset", "knn_k", "knn_temperature", "checkpoint_every", "sync_bn", "log_step_loss",
 })  # fmt: skip
 
 

@@ -314,6 +314,7 @@ def train_one_epoch(run: Run) -> dict[str, float]:
     if cfg.max_steps_per_epoch is not None:
         steps = min(steps, cfg.max_steps_per_epoch)
     total, count, start = torch.zeros((), device=run.device), 0, time.perf_counter()
+    step_losses: list[torch.Tensor] = []  # only with log_step_loss (kept on the device: no sync per step)
     bar = tqdm(
         total=steps,
         desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
@@ -340,12 +341,17 @@ def train_one_epoch(run: Run) -> dict[str, float]:
         run.method.after_step()  # the explicit no-grad step: InstDisc's bank update, MoCo's momentum + queue
         total += loss.detach()
         count += 1
+        if cfg.log_step_loss:
+            step_losses.append(loss.detach())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
     bar.close()
     mean = distributed.all_reduce_mean(total / max(count, 1))  # the loss of the global batch
-    return {"loss": mean.item(), "lr": lr, "time": time.perf_counter() - start}
+    stats = {"loss": mean.item(), "lr": lr, "time": time.perf_counter() - start}
+    if step_losses:  # this process's loss at every step of the epoch, in order
+        stats["step_loss"] = torch.stack(step_losses).float().cpu().tolist()
+    return stats
 
 
 def evaluate_bank(run: Run) -> dict[str, float]:

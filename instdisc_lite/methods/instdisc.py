@@ -8,7 +8,8 @@ The step the paper describes, in four lines (the middle two are the trainer's)::
     bank.update(indices, features.detach())     # v_i <- normalise(m v_i + (1 - m) f_i)  -> after_step
 
 ``objective: parametric`` swaps the bank for the n-way classifier of eq. 1, the baseline the paper argues against
-(the bank is still kept, for the kNN monitor).
+(the bank is still kept, for the kNN monitor); ``objective: cosine`` is the same classifier with unit-length
+weights at the config's temperature, eq. 2 with learned weights in place of stored features.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..nonparametric import NonParametricSoftmax
 from ..parametric import ParametricSoftmax
 from .base import Method, full_precision
 
-OBJECTIVES = ("nce", "softmax", "parametric")
+OBJECTIVES = ("nce", "softmax", "parametric", "cosine")
 
 
 def build_objective(config: TrainConfig, bank: MemoryBank) -> nn.Module:
@@ -44,7 +45,9 @@ def build_objective(config: TrainConfig, bank: MemoryBank) -> nn.Module:
     if config.objective == "softmax":
         return NonParametricSoftmax(bank, temperature=config.temperature, proximal=config.proximal)
     if config.objective == "parametric":
-        return ParametricSoftmax(config.low_dim, bank.num_items)
+        return ParametricSoftmax(config.low_dim, bank.num_items)  # eq. 1: raw weights, no temperature
+    if config.objective == "cosine":  # the fair parametric arm: unit weights at the bank's temperature
+        return ParametricSoftmax(config.low_dim, bank.num_items, temperature=config.temperature, normalize=True)
     raise ConfigError(f"unknown objective {config.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
 
 

@@ -1,0 +1,126 @@
+"""The paper's studies as grids (instdisc_lite.reproduce): every arm resolves, results carry their provenance, a
+finished arm is skipped, and every committed result file is exactly what its grid produces today."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from instdisc_lite import reproduce as rp
+from instdisc_lite.__main__ import main
+from instdisc_lite.config import ConfigError
+from instdisc_lite.parametric import ParametricSoftmax
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"train_subset": 256, "epochs": 1, "eval_every": 1, "checkpoint_every": 1, "eval_subset": 200, "batch_size": 64}
+
+
+@pytest.mark.parametrize("scale", rp.SCALES)
+def test_every_arm_of_every_study_resolves_to_a_valid_config(scale):
+    names = set()
+    for study in rp.STUDIES.values():
+        arms = study.arms(scale)
+        assert len(arms) >= 2, f"{study.name}: a study compares at least two arms"
+        for arm, overrides in arms.items():
+            config = rp.arm_config(study.name, arm, scale)
+            for key, value in overrides.items():
+                assert getattr(config, key) == value, f"{study.name}/{arm}: {key} not applied"
+            names.add(config.name)
+    assert len(names) == sum(len(s.arms(scale)) for s in rp.STUDIES.values()), "run names must be unique"
+
+
+def test_table1_has_the_papers_arms_and_the_fair_parametric_one():
+    arms = rp.STUDIES["table1"].arms("quick")
+    objectives = {arm: rp.arm_config("table1", arm, "quick").objective for arm in arms}
+    assert objectives == {"parametric": "parametric", "cosine": "cosine", "softmax": "softmax",
+                          "nce_m1": "nce", "nce_m10": "nce", "nce_m512": "nce", "nce_m4096": "nce"}  # fmt: skip
+    ms = (1, 10, 512, 4096)
+    assert [rp.arm_config("table1", f"nce_m{m}", "quick").num_negatives for m in ms] == list(ms)
+    full = rp.arm_config("table1", "softmax", "full")
+    assert (full.dataset, full.arch, full.epochs) == ("cifar10", "resnet18_cifar", 200)  # the paper's setting
+
+
+def test_unknown_study_arm_scale_or_jobs_is_one_clear_error(capsys):
+    with pytest.raises(ConfigError, match="choose one of: table1, temperature"):
+        rp.arm_config("table9", "x", "quick")
+    with pytest.raises(ConfigError, match="its arms: parametric, cosine"):
+        rp.arm_config("table1", "nce_m7", "quick")
+    with pytest.raises(ConfigError, match="choose one of: quick, full"):
+        rp.arm_config("table1", "softmax", "medium")
+    assert main(["reproduce", "table9"]) == 2
+    assert main(["reproduce", "table1", "--jobs", "0"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+
+
+def test_cosine_objective_is_a_classifier_with_unit_weights_at_a_temperature():
+    torch.manual_seed(0)
+    head = ParametricSoftmax(8, 20, temperature=0.1, normalize=True)
+    with torch.no_grad():
+        head.classifier.weight.mul_(torch.arange(1, 21, dtype=torch.float32)[:, None])  # rows of unequal norm
+    v, idx = F.normalize(torch.randn(5, 8), dim=1), torch.tensor([0, 3, 19, 3, 7])
+    logits = v @ F.normalize(head.classifier.weight, dim=1).T / 0.1
+    torch.testing.assert_close(head(v, idx), F.cross_entropy(logits, idx))
+    raw = ParametricSoftmax(8, 20)
+    raw.classifier.weight.data.copy_(head.classifier.weight)
+    torch.testing.assert_close(raw(v, idx), F.cross_entropy(v @ head.classifier.weight.T, idx))  # eq. 1 untouched
+
+
+@pytest.fixture
+def one_arm_per_study(tmp_path, fashion_mnist_available):
+    """Each study's first arm, trained in a tiny setting into tmp_path/results."""
+    results = tmp_path / "results"
+    extra = {**TINY, "out_dir": str(tmp_path / "runs")}
+    paths = {}
+    for name, study in rp.STUDIES.items():
+        arm = next(iter(study.arms("quick")))
+        size = {"train_subset": TINY["train_subset"]}  # train_size's arm sets n: keep the run tiny anyway
+        paths[name] = (arm, rp.run_arm(name, arm, "quick", results, extra={**extra, **size}))
+    return results, extra, paths
+
+
+def test_one_arm_of_each_study_runs_and_records_its_provenance(one_arm_per_study):
+    _, extra, paths = one_arm_per_study
+    for study, (arm, path) in paths.items():
+        stored = json.loads(path.read_text())
+        assert (stored["study"], stored["arm"], stored["scale"]) == (study, arm, "quick")
+        assert 0 <= stored["knn_top1"] <= 100 and 0 <= stored["probe_top1"] <= 100
+        assert stored["config"] == rp.arm_config(study, arm, "quick", extra=extra).to_dict()
+        assert len(stored["metrics"]) == 1 and stored["torch"] == torch.__version__ and stored["wall_s"] > 0
+        assert stored["git_commit"] is None or len(stored["git_commit"].split("-")[0]) == 40
+    steps = json.loads(paths["proximal"][1].read_text())["metrics"][0]["step_loss"]  # log_step_loss: every step
+    assert len(steps) == TINY["train_subset"] // TINY["batch_size"] and all(isinstance(x, float) for x in steps)
+
+
+def test_a_finished_arm_is_skipped_and_a_changed_one_is_run_again(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    grid = rp.STUDIES["embedding"].arms("quick")
+    for arm in grid:  # pretend every arm finished, one of them with a config the grid no longer produces
+        config = rp.arm_config("embedding", arm, "quick").to_dict()
+        if arm == "d64":
+            config["lr"] = 0.5
+        path = rp.result_path(results, "embedding", "quick", arm)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"config": {**config, "out_dir": "elsewhere"}, "knn_top1": 50.0}))
+    rp.result_path(results, "embedding", "quick", "d256").write_text('{"config": ')  # a truncated file
+    ran = []
+    monkeypatch.setattr(rp, "run_arm", lambda study, arm, scale, results, *a, **k: ran.append(arm) or Path(arm))
+    rp.reproduce("embedding", "quick", results=results, log=lambda msg: None)
+    assert ran == ["d64", "d256"], "only the stale and the unreadable arm run again (out_dir does not count)"
+
+
+def test_committed_results_are_what_their_grids_produce():
+    """Every result file under results/<study>/<scale>/ is an arm of that study, with the config it resolves to
+    today: a change to a base config or a grid that would make a stored figure stale fails here."""
+    files = sorted((ROOT / "results").glob("*/*/*.json"))
+    for path in files:
+        study, scale, arm = path.parts[-3], path.parts[-2], path.stem
+        assert study in rp.STUDIES and scale in rp.SCALES, f"{path}: not a study/scale of instdisc_lite.reproduce"
+        stored = json.loads(path.read_text())
+        expected = rp.arm_config(study, arm, scale).to_dict()
+        assert rp.comparable(stored["config"]) == rp.comparable(expected), f"{path} is stale: rerun the study"
+        assert stored["git_commit"] and "knn_top1" in stored and "probe_top1" in stored, f"{path}: provenance"
