@@ -92,13 +92,16 @@ def training_run_config(mode: BookMode, out_dir: str | Path) -> TrainConfig:
     return load_config(name, overrides)
 
 
-def results_files(pattern: str) -> list[Path]:
-    """The repository's benchmark results matching ``pattern`` (e.g. ``"quality.json"``), sorted.
+def results_dir() -> Path:
+    """The repository's ``results/``: chapters run from the repository root or from ``book/``, so it is looked for
+    in both places. An installed package (on Colab) has none: then ``results`` (absent) is returned."""
+    return next((d for d in (Path("results"), Path("../results")) if d.is_dir()), Path("results"))
 
-    Chapters run from the repository root or from ``book/``, so ``results/`` is looked for in both places; an
-    installed package (on Colab) has none and gets an empty list.
-    """
-    return sorted(p for d in (Path("results"), Path("../results")) if d.is_dir() for p in d.glob(pattern))
+
+def results_files(pattern: str) -> list[Path]:
+    """The repository's benchmark results matching ``pattern`` (e.g. ``"quality.json"``), sorted; an empty list
+    where there is no ``results/`` (see :func:`results_dir`)."""
+    return sorted(results_dir().glob(pattern))
 
 
 def on_colab() -> bool:

@@ -39,7 +39,8 @@ BASES = {"quick": "fashion_mnist_quick", "full": "cifar10_resnet18"}
 QUICK = {"train_subset": 10_000, "epochs": 10, "eval_every": 10, "checkpoint_every": 10, "eval_subset": None}
 PROBE_EPOCHS = {"quick": 30, "full": 100}
 # keys that say how a run executes, not what it computes: they do not make two results different
-EXECUTION_KEYS = RESUMABLE_CHANGES - {"eval_subset", "knn_k", "knn_temperature"}
+# (log_step_loss counts: it decides whether a result holds the loss of every step)
+EXECUTION_KEYS = RESUMABLE_CHANGES - {"eval_subset", "knn_k", "knn_temperature", "log_step_loss"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,16 +105,21 @@ STUDIES: dict[str, Study] = {
 }
 
 
+def study_arms(study: str, scale: str) -> dict[str, dict[str, Any]]:
+    """The arms of ``study`` at ``scale``; an unknown study or scale is a :class:`ConfigError` naming the valid ones."""
+    if study not in STUDIES:
+        raise ConfigError(f"unknown study {study!r}; choose one of: {', '.join(STUDIES)}")
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
+    return STUDIES[study].arms(scale)
+
+
 def arm_config(
     study: str, arm: str, scale: str, out_dir: str | Path = "runs/reproduce", extra: dict[str, Any] | None = None
 ) -> TrainConfig:
     """The resolved config of one arm (the name and run directory follow from study, scale and arm); ``extra``
     overrides are applied last (the tests shrink an arm with them; such a result is not the grid's)."""
-    if study not in STUDIES:
-        raise ConfigError(f"unknown study {study!r}; choose one of: {', '.join(STUDIES)}")
-    if scale not in SCALES:
-        raise ConfigError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
-    arms = STUDIES[study].arms(scale)
+    arms = study_arms(study, scale)
     if arm not in arms:
         raise ConfigError(f"study {study!r} has no arm {arm!r}; its arms: {', '.join(arms)}")
     sizes = dict(QUICK) if scale == "quick" else {}
@@ -192,9 +198,7 @@ def reproduce(study: str, scale: str = "quick", jobs: int = 1, results: str | Pa
     """Run every arm of ``study`` that has no up-to-date result, ``jobs`` at a time; returns all its result files."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
-    if study not in STUDIES:
-        raise ConfigError(f"unknown study {study!r}; choose one of: {', '.join(STUDIES)}")
-    arms = list(STUDIES[study].arms(scale))
+    arms = list(study_arms(study, scale))
     todo = [a for a in arms if not is_done(result_path(results, study, scale, a), arm_config(study, a, scale))]
     log(f"{study} ({scale}): {len(arms)} arms, {len(arms) - len(todo)} already done, {len(todo)} to run")
     if jobs == 1 or len(todo) <= 1:
