@@ -641,6 +641,18 @@ def eval_loader(
     )
 
 
+def labelled_loader(loader, positions: Sequence[int], batch_size: int, seed: int = 0):
+    """A one-process training loader over ``positions`` of a :class:`DataBundle`'s ``train_loader`` (the labelled
+    part of a semi-supervised split): same images, same augmentation path, items ``(image, label, position in the
+    subset)``; the last incomplete batch of an epoch is dropped, as in training."""
+    if isinstance(loader, TensorBatchLoader):
+        keep = torch.as_tensor(list(positions), dtype=torch.long)
+        return TensorBatchLoader(loader.data[keep], loader.targets[keep], batch_size, shuffle=True, drop_last=True,
+                                 seed=seed, rank=0, world=1)  # fmt: skip
+    items = loader.dataset.dataset if isinstance(loader.dataset, SeededItems) else loader.dataset
+    return train_loader(PositionSubset(items, positions), batch_size, loader.num_workers, seed, rank=0, world=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # One entry point for the trainer
 # ----------------------------------------------------------------------------------------------

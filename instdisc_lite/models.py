@@ -111,7 +111,13 @@ def build_backbone(arch: str, in_channels: int = 3) -> tuple[nn.Module, int]:
     Returns ``(module, feature_dim)``, the module mapping ``(B, C, H, W) -> (B, feature_dim)``: the pooled features
     the Linear to ``low_dim`` would read (256 for ``small_cnn``, 512 for the ResNet18s, 2048 for ResNet50).
     """
-    net = build_encoder(arch, low_dim=1, in_channels=in_channels).backbone  # low_dim is irrelevant: the fc goes
+    # low_dim is irrelevant: the fc goes
+    return without_head(build_encoder(arch, low_dim=1, in_channels=in_channels).backbone)
+
+
+def without_head(net: nn.Module) -> tuple[nn.Module, int]:
+    """``net`` (an Encoder's backbone) with its final Linear replaced by Identity, in place; returns it and the
+    dimension of the representation that Linear read. A trained backbone keeps its weights (fine-tuning uses it)."""
     if isinstance(net, nn.Sequential) and isinstance(net[-1], nn.Linear):  # small_cnn*: [..., pool, flatten, fc]
         dim = net[-1].in_features
         net[-1] = nn.Identity()  # (not sliced off: parameter names stay those of the Encoder's backbone)
@@ -119,5 +125,5 @@ def build_backbone(arch: str, in_channels: int = 3) -> tuple[nn.Module, int]:
         dim = net.fc.in_features
         net.fc = nn.Identity()
     else:  # a new architecture must say where its representation ends
-        raise TypeError(f"build_backbone does not know where the final Linear of {arch!r} is")
+        raise TypeError(f"without_head does not know where the final Linear of {type(net).__name__} is")
     return net, dim

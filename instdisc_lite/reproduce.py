@@ -1,7 +1,9 @@
 """The paper's experiments as grids of runs: ``python -m instdisc_lite reproduce STUDY [--scale quick|full]``.
 
 Each study is a base config and a list of arms, every arm a few overrides of it (Table 1: the objectives; the
-temperature, embedding-size, proximal, Z and training-set-size studies: one knob each). Running a study trains
+temperature, embedding-size, proximal, Z and training-set-size studies: one knob each; the semi-supervised study:
+one pre-training, and the fraction of labels kept, per arm, for its fine-tune / probe / from-scratch comparison,
+:mod:`instdisc_lite.semi_supervised`). Running a study trains
 every arm and writes one JSON file per arm, ``results/<study>/<scale>/<arm>.json``: the resolved config, the
 metrics of every epoch, the final weighted kNN (recomputed training features) and a linear probe on the frozen
 features, the wall time, the device, the torch version and the git commit. An arm whose file already holds the same
@@ -50,6 +52,9 @@ class Study:
     name: str
     title: str
     arms: Callable[[str], dict[str, dict[str, Any]]]
+    # more figures of an arm, from its finished run: measure(run, arm, scale, train_f, test_f, test_y) -> dict,
+    # stored under the study's name in the arm's result file
+    measure: Callable[..., dict[str, Any]] | None = None
 
 
 def _nce(m: int, **more: Any) -> dict[str, Any]:
@@ -63,6 +68,16 @@ def _table1(scale: str) -> dict[str, dict[str, Any]]:
         "softmax": {"objective": "softmax"},  # eq. 2, exact, over the bank
         **{f"nce_m{m}": _nce(m) for m in (1, 10, 512, 4096)},  # eqs. 3-7, with the base's Z mode
     }
+
+
+LABEL_PERCENTS = (1, 2, 5, 10, 20, 100)  # the paper's Fig. 6 spans about 1-20 % of ImageNet's labels; 100 % too
+
+
+def _semi_supervised(run: Any, arm: str, scale: str, train_f, test_f, test_y) -> dict[str, Any]:
+    from .semi_supervised import semi_supervised
+
+    fraction = float(arm.removeprefix("labels")) / 100
+    return semi_supervised(run, fraction, train_f, test_f, test_y, probe_epochs=PROBE_EPOCHS[scale])
 
 
 STUDIES: dict[str, Study] = {
@@ -100,6 +115,12 @@ STUDIES: dict[str, Study] = {
                 f"n{n}": {"train_subset": n}
                 for n in ((2500, 5000, 10_000, 20_000, 60_000) if scale == "quick" else (5000, 10_000, 25_000, 50_000))
             },
+        ),
+        Study(
+            "semi_supervised",
+            "Semi-supervised: fine-tuned, linear probe and from scratch against the fraction of labels kept",
+            lambda scale: {f"labels{p}": {} for p in LABEL_PERCENTS},  # one pre-training; the arm is the fraction
+            measure=_semi_supervised,
         ),
     ]
 }
@@ -180,12 +201,14 @@ def run_arm(
     train_f, train_y = extract_features(run.encoder, run.data.train_eval_loader, run.device, run.data.eval_transform)
     test_f, test_y = extract_features(run.encoder, run.data.test_loader, run.device, run.data.eval_transform)
     probe = linear_probe(train_f, train_y, test_f, test_y, epochs=PROBE_EPOCHS[scale], device=run.device)
+    measure = STUDIES[study].measure
+    more = {study: measure(run, arm, scale, train_f, test_f, test_y)} if measure else {}
     result = {
         "study": study, "arm": arm, "scale": scale, "overrides": STUDIES[study].arms(scale)[arm],
         "knn_top1": run.final["knn_top1"], "knn_top5": run.final["knn_top5"], "probe_top1": probe["top1"],
         "wall_s": time.perf_counter() - start, "device": str(run.device), "torch": torch.__version__,
         "git_commit": git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": config.to_dict(), "metrics": run.metrics,
+        **more, "config": config.to_dict(), "metrics": run.metrics,
     }  # fmt: skip
     path = result_path(results, study, scale, arm)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,9 @@ def test_one_arm_of_each_study_runs_and_records_its_provenance(one_arm_per_study
         assert stored["git_commit"] is None or len(stored["git_commit"].split("-")[0]) == 40
     steps = json.loads(paths["proximal"][1].read_text())["metrics"][0]["step_loss"]  # log_step_loss: every step
     assert len(steps) == TINY["train_subset"] // TINY["batch_size"] and all(isinstance(x, float) for x in steps)
+    semi = json.loads(paths["semi_supervised"][1].read_text())["semi_supervised"]  # the study's own figures
+    assert semi["label_fraction"] == 0.01 and semi["num_labels"] == 10, "1 % of 256 images: one label per class"
+    assert all(0 <= semi[k] <= 100 for k in ("finetune_top1", "probe_top1", "scratch_top1"))
 
 
 def test_a_finished_arm_is_skipped_and_a_changed_one_is_run_again(tmp_path, monkeypatch):
