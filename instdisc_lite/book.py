@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
+from . import reproduce
 from .config import TrainConfig, load_config
 from .train import select_device
 
@@ -102,6 +103,50 @@ def results_files(pattern: str) -> list[Path]:
     """The repository's benchmark results matching ``pattern`` (e.g. ``"quality.json"``), sorted; an empty list
     where there is no ``results/`` (see :func:`results_dir`)."""
     return sorted(results_dir().glob(pattern))
+
+
+@dataclass(frozen=True)
+class StudyResults:
+    """One study's stored results at one scale, as a chapter reads them (made by :func:`study_results`)."""
+
+    study: str
+    scale: str
+    arms: tuple[str, ...]  # the arms of the study's grid, in grid order
+    results: dict[str, dict[str, Any]]  # arm -> the content of its result file, for the arms that have one
+    stale: tuple[str, ...]  # arms whose file is not what the grid produces today (another config, or unfinished)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every arm of the grid has a result file."""
+        return all(arm in self.results for arm in self.arms)
+
+    @property
+    def command(self) -> str:
+        """The command that produces (or refreshes) the study's result files."""
+        return f"python -m instdisc_lite reproduce {self.study} --scale {self.scale}"
+
+
+def study_results(study: str, scale: str = "quick", results: str | Path | None = None) -> StudyResults:
+    """The result files of ``study`` at ``scale`` (written by ``python -m instdisc_lite reproduce``), each checked
+    against its grid.
+
+    ``results`` defaults to :func:`results_dir`; where it does not exist (an installed package on Colab) the
+    answer has no results and is not :attr:`~StudyResults.complete`, so a chapter can show
+    :attr:`~StudyResults.command` instead. An arm is listed in :attr:`~StudyResults.stale` when its file does not
+    hold a finished run of exactly the config that :func:`instdisc_lite.reproduce.arm_config` produces today; a
+    chapter asserts that none is before it reads a figure. An unknown study or scale is a ``ConfigError``.
+    """
+    arms = tuple(reproduce.study_arms(study, scale))
+    root = results_dir() if results is None else Path(results)
+    found = reproduce.load_results(study, scale, root)
+    stale = tuple(
+        arm
+        for arm in found
+        if not reproduce.is_done(
+            reproduce.result_path(root, study, scale, arm), reproduce.arm_config(study, arm, scale), study
+        )
+    )
+    return StudyResults(study=study, scale=scale, arms=arms, results=found, stale=stale)
 
 
 def on_colab() -> bool:

@@ -8,10 +8,25 @@ and relies on the bank momentum instead; ``proximal=0`` (the default) reproduces
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from .memory_bank import MemoryBank
+
+
+def loss_oscillation(step_losses: Sequence[float], window: int, tail: float = 0.5) -> float:
+    """How much a training loss oscillates around its trend: the mean absolute residual of the per-step loss from
+    its centred moving average over ``window`` steps, relative to that average, over the last ``tail`` of the
+    steps (the paper's Fig. 3 compares such curves for several lambda). A flat or smoothly falling loss gives ~0."""
+    losses = torch.as_tensor(list(step_losses), dtype=torch.float64)
+    if window < 2 or len(losses) < 2 * window:
+        raise ValueError(f"need at least 2 x window = {2 * window} step losses and window >= 2, got {len(losses)}")
+    trend = torch.nn.functional.avg_pool1d(losses.view(1, 1, -1), window, stride=1).view(-1)  # (T - window + 1,)
+    centred = losses[window // 2 : window // 2 + len(trend)]
+    start = int(len(trend) * (1 - tail))
+    return ((centred - trend)[start:].abs().mean() / trend[start:].abs().mean()).item()
 
 
 def proximal_term(features: torch.Tensor, bank_rows: torch.Tensor, weight: float) -> torch.Tensor:

@@ -78,6 +78,23 @@ def _proximal(scale: str) -> dict[str, dict[str, Any]]:
     return {arm: {**overrides, "log_step_loss": True} for arm, overrides in arms.items()}
 
 
+def _all_training_images(run: Any, arm: str, scale: str, train_f, test_f, test_y) -> dict[str, Any]:
+    """kNN and probe with every training image of the dataset as the labelled reference, whatever number of
+    images the arm learned from: the arms then differ in their features alone (their own kNN also has fewer
+    neighbours to choose from when they learned from fewer images)."""
+    from .data import build_data
+    from .evaluate import extract_features, linear_probe, weighted_knn
+
+    config = dataclasses.replace(run.config, train_subset=None)
+    data = build_data(config, run.device)
+    ref_f, ref_y = extract_features(run.encoder, data.train_eval_loader, run.device, data.eval_transform)
+    knn = weighted_knn(ref_f, ref_y, test_f, test_y, k=config.knn_k, temperature=config.knn_temperature,
+                       num_classes=data.num_classes, device=run.device)  # fmt: skip
+    probe = linear_probe(ref_f, ref_y, test_f, test_y, epochs=PROBE_EPOCHS[scale], device=run.device)
+    return {"reference_images": len(ref_y), "knn_top1": knn["top1"], "knn_top5": knn["top5"],
+            "probe_top1": probe["top1"]}  # fmt: skip
+
+
 LABEL_PERCENTS = (1, 2, 5, 10, 20, 100)  # the paper's Fig. 6 spans about 1-20 % of ImageNet's labels; 100 % too
 
 
@@ -123,6 +140,7 @@ STUDIES: dict[str, Study] = {
                 f"n{n}": {"train_subset": n}
                 for n in ((2500, 5000, 10_000, 20_000, 60_000) if scale == "quick" else (5000, 10_000, 25_000, 50_000))
             },
+            measure=_all_training_images,
         ),
         Study(
             "semi_supervised",
@@ -168,11 +186,13 @@ def result_path(results: str | Path, study: str, scale: str, arm: str) -> Path:
     return Path(results) / study / scale / f"{arm}.json"
 
 
-def is_done(path: Path, config: TrainConfig) -> bool:
-    """Whether ``path`` holds a finished result of exactly ``config`` (any unreadable file counts as not done)."""
+def is_done(path: Path, config: TrainConfig, study: str | None = None) -> bool:
+    """Whether ``path`` holds a finished result of exactly ``config`` (any unreadable file counts as not done),
+    with the figures of ``study``'s ``measure`` where it has one."""
     try:
         stored = json.loads(path.read_text())
-        return comparable(stored["config"]) == comparable(config.to_dict()) and "knn_top1" in stored
+        measured = study is None or STUDIES[study].measure is None or study in stored
+        return comparable(stored["config"]) == comparable(config.to_dict()) and "knn_top1" in stored and measured
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -224,20 +244,33 @@ def run_arm(
     return path
 
 
+def die_with_parent() -> None:
+    """Pool initializer: the worker gets SIGTERM when the process that started it dies (Linux), so killing a
+    study with ``kill`` or ``kill -9`` does not leave its arms training on; elsewhere a no-op (Ctrl-C still reaches
+    every process of the terminal's process group)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def reproduce(study: str, scale: str = "quick", jobs: int = 1, results: str | Path = "results",
               log: Callable[[str], None] = print) -> list[Path]:  # fmt: skip
     """Run every arm of ``study`` that has no up-to-date result, ``jobs`` at a time; returns all its result files."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     arms = list(study_arms(study, scale))
-    todo = [a for a in arms if not is_done(result_path(results, study, scale, a), arm_config(study, a, scale))]
+    todo = [a for a in arms if not is_done(result_path(results, study, scale, a), arm_config(study, a, scale), study)]
     log(f"{study} ({scale}): {len(arms)} arms, {len(arms) - len(todo)} already done, {len(todo)} to run")
     if jobs == 1 or len(todo) <= 1:
         for arm in todo:
             log(f"  {arm}: written {run_arm(study, arm, scale, results)}")
     else:  # one process per arm, the CPU's threads split between them
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=die_with_parent) as pool:
             futures = {arm: pool.submit(run_arm, study, arm, scale, results, threads) for arm in todo}
             for arm, future in futures.items():
                 log(f"  {arm}: written {future.result()}")

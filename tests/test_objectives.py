@@ -371,3 +371,16 @@ def test_proximal_term_value_and_gradient():
     torch.testing.assert_close(f.grad, 2 * 0.7 * (f - rows).detach() / 5)
     assert rows.grad is None  # v^(t-1) is a constant
     assert proximal_term(f, rows, 0.0).item() == 0.0
+
+
+def test_loss_oscillation_measures_wiggle_around_the_trend_not_the_trend():
+    from instdisc_lite.proximal import loss_oscillation
+
+    t = torch.arange(400, dtype=torch.float64)
+    falling = 10 * torch.exp(-t / 150) + 1  # smooth decay: no oscillation
+    wiggle = falling * (1 + 0.1 * torch.sin(t * 2 * math.pi / 7))  # +-10 % around it, period 7 steps
+    assert loss_oscillation(falling.tolist(), window=28) < 0.005  # only the curvature of the decay
+    assert 0.05 < loss_oscillation(wiggle.tolist(), window=28) < 0.08  # mean |sin| = 2/pi -> ~0.064
+    assert loss_oscillation((2 * wiggle).tolist(), window=28) == pytest.approx(loss_oscillation(wiggle.tolist(), 28))
+    with pytest.raises(ValueError, match="at least"):
+        loss_oscillation([1.0] * 10, window=8)

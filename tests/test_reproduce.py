@@ -4,6 +4,10 @@ finished arm is skipped, and every committed result file is exactly what its gri
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +98,10 @@ def test_one_arm_of_each_study_runs_and_records_its_provenance(one_arm_per_study
         assert stored["git_commit"] is None or len(stored["git_commit"].split("-")[0]) == 40
     steps = json.loads(paths["proximal"][1].read_text())["metrics"][0]["step_loss"]  # log_step_loss: every step
     assert len(steps) == TINY["train_subset"] // TINY["batch_size"] and all(isinstance(x, float) for x in steps)
+    sizes = json.loads(paths["train_size"][1].read_text())
+    reference = sizes["train_size"]  # every arm evaluated against all 60,000 training images, whatever n it learned on
+    assert reference["reference_images"] == 60_000 and sizes["config"]["train_subset"] == TINY["train_subset"]
+    assert all(0 <= reference[k] <= 100 for k in ("knn_top1", "knn_top5", "probe_top1"))
     semi = json.loads(paths["semi_supervised"][1].read_text())["semi_supervised"]  # the study's own figures
     assert semi["label_fraction"] == 0.01 and semi["num_labels"] == 10, "1 % of 256 images: one label per class"
     assert all(0 <= semi[k] <= 100 for k in ("finetune_top1", "probe_top1", "scratch_top1"))
@@ -127,3 +135,66 @@ def test_committed_results_are_what_their_grids_produce():
         expected = rp.arm_config(study, arm, scale).to_dict()
         assert rp.comparable(stored["config"]) == rp.comparable(expected), f"{path} is stale: rerun the study"
         assert stored["git_commit"] and "knn_top1" in stored and "probe_top1" in stored, f"{path}: provenance"
+
+
+def test_study_workers_die_with_the_study(tmp_path):
+    """kill -9 of a study running --jobs N must not leave its worker processes training (they wrote results on)."""
+    script = tmp_path / "study.py"
+    pids = tmp_path / "pids"
+    script.write_text(
+        "import os, time, sys\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from multiprocessing import get_context\n"
+        "from instdisc_lite.reproduce import die_with_parent\n"
+        "def work(path):\n"
+        "    open(path + str(os.getpid()), 'w').close(); time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        "    with ProcessPoolExecutor(2, mp_context=get_context('spawn'), initializer=die_with_parent) as pool:\n"
+        "        list(pool.map(work, [sys.argv[1]] * 2))\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script), str(pids) + "-"])
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("pids-*"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("pids-*")]
+    assert len(workers) == 2, "the workers did not start"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 20
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), "a worker outlived the killed study"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (dead, not yet reaped by init) counts as dead
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_reproduce_starts_its_workers_with_die_with_parent(tmp_path, monkeypatch):
+    seen = {}
+
+    class Pool:
+        def __init__(self, jobs, **kwargs):
+            seen.update(kwargs, jobs=jobs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            class Done:
+                def result(self):
+                    return Path(args[1])
+
+            return Done()
+
+    monkeypatch.setattr(rp, "ProcessPoolExecutor", Pool)
+    rp.reproduce("embedding", "quick", jobs=2, results=tmp_path, log=lambda msg: None)
+    assert seen["jobs"] == 2 and seen["initializer"] is rp.die_with_parent
