@@ -177,9 +177,20 @@ def arm_config(
     return load_config(BASES[scale], overrides)
 
 
+def _defaults() -> dict[str, Any]:
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(TrainConfig)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+
+
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A config as stored in a result, without the keys that only say how it was executed."""
-    return {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
+    """A config as stored in a result, without the keys that only say how it was executed and without the keys at
+    their default value: a config key added after a result was written, at a default that keeps the old behaviour,
+    does not make the result stale; a default that changes does (the result holds the old value explicitly)."""
+    defaults = _defaults()
+    return {k: v for k, v in config.items() if k not in EXECUTION_KEYS and not (k in defaults and defaults[k] == v)}
 
 
 def result_path(results: str | Path, study: str, scale: str, arm: str) -> Path:

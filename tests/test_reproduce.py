@@ -198,3 +198,17 @@ def test_reproduce_starts_its_workers_with_die_with_parent(tmp_path, monkeypatch
     monkeypatch.setattr(rp, "ProcessPoolExecutor", Pool)
     rp.reproduce("embedding", "quick", jobs=2, results=tmp_path, log=lambda msg: None)
     assert seen["jobs"] == 2 and seen["initializer"] is rp.die_with_parent
+
+
+def test_a_key_added_later_at_its_default_does_not_make_a_result_stale():
+    config = rp.arm_config("table1", "softmax", "quick").to_dict()
+    defaults = rp._defaults()
+    at_default = [k for k, v in config.items() if k in defaults and defaults[k] == v and k not in rp.EXECUTION_KEYS]
+    set_by_base = [k for k, v in config.items() if k in defaults and defaults[k] != v and k not in rp.EXECUTION_KEYS]
+    assert at_default and set_by_base
+    for key in at_default:  # a result written before this key existed was computed with its default
+        assert rp.comparable({k: v for k, v in config.items() if k != key}) == rp.comparable(config), key
+    for key in set_by_base:  # ... but a result without a key the base sets was not computed with that value
+        assert rp.comparable({k: v for k, v in config.items() if k != key}) != rp.comparable(config), key
+    changed = {**config, "temperature": config["temperature"] * 2}
+    assert rp.comparable(changed) != rp.comparable(config), "a changed value still counts"
