@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install install-data run quick test test-unit lint bench
+.PHONY: install install-data run quick test test-unit lint bench readme-figures
 
 # torch/torchvision pinned to the releases that pip takes from this machine's disk (CPU here, CUDA on a GPU box).
 install: install-data
@@ -44,6 +44,10 @@ lint:
 bench:
 	$(PYTHON) benchmarks/objectives.py
 	$(PYTHON) benchmarks/quality.py
+
+# Rewrite the README's "Measured figures" block from results/*.json (tests/test_readme_figures.py fails when stale).
+readme-figures:
+	$(PYTHON) tools/readme_figures.py
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The book (Jupyter Book 1; _config.yml, _toc.yml, book/). Chapter conventions: CONTRIBUTING.md.
