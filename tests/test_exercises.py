@@ -25,9 +25,6 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 BOOK = ROOT / "book"
 
-# exercises being written
-PENDING = {"06", "07"}
-
 MIN_EXERCISES, MAX_EXERCISES = 3, 5
 HEADING = re.compile(r"^## Exercises\s*$", re.MULTILINE)
 SUMMARY = re.compile(r"^## Summary\s*$", re.MULTILINE)
@@ -95,17 +92,7 @@ def exercises_section(path: Path) -> str:
     return "\n\n".join(markdown[starts[-1] :])
 
 
-def test_pending_chapters_are_chapters():
-    assert PENDING <= set(CHAPTERS), f"PENDING names chapters that _toc.yml does not list: {PENDING - set(CHAPTERS)}"
-
-
-@pytest.mark.parametrize(
-    "number",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason="exercises being written", strict=False)) if n in PENDING else n
-        for n in CHAPTERS
-    ],
-)
+@pytest.mark.parametrize("number", CHAPTERS)
 def test_chapter_ends_with_exercises_and_folded_solutions(number):
     path = notebook_of(number)
     exercises, solutions = scan(exercises_section(path))
