@@ -1,5 +1,9 @@
 """Command line: ``python -m instdisc_lite train --config NAME_OR_PATH [--set key=value ...]``.
 
+``python -m instdisc_lite embed --run runs/NAME --out features.npy [--split train|test]`` writes the features of a
+trained run's images: an (N, d) float32 .npy of unit rows, in dataset order (the bank rows; for your own data, the
+order of the .npz file or of the folder's sorted files).
+
 Every expected failure (bad config, missing or corrupt data, a run that exists or is in use, a checkpoint that
 cannot be used, NaN, a full disk, Ctrl-C) prints one ``error:`` line that says what to do, and exits non-zero:
 2 for input the user can fix, 1 for a failure during training, 130 for an interruption.
@@ -11,6 +15,7 @@ import argparse
 import errno
 import json
 import sys
+from pathlib import Path
 
 from .config import ConfigError, TrainConfig, load_config, shipped_configs
 
@@ -40,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--scale", default="quick", help="quick (Fashion-MNIST, CPU) or full (CIFAR-10 ResNet18, GPU)")
     rep.add_argument("--jobs", type=int, default=1, help="arms trained at once (processes)")
     rep.add_argument("--results", default="results", help="where the result files go (default: results/)")
+    emb = sub.add_parser("embed", help="write the L2-normalised features of a trained run's images to a .npy file")
+    emb.add_argument("--run", required=True, help="the run directory, runs/<name> (its config.yaml and checkpoint.pt)")
+    emb.add_argument("--out", required=True, help="the .npy file to write: (N, d) float32, one unit row per image")
+    emb.add_argument("--split", choices=("train", "test"), default="train",
+                     help="train (default): every training image, in dataset order; test: the test set")  # fmt: skip
+    emb.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    emb.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="override the run's config keys, e.g. test_path=new.npz to embed other images")  # fmt: skip
     sub.add_parser("configs", help="list the shipped configs and the valid config keys")
     show = sub.add_parser("show", help="print a resolved config as YAML")
     show.add_argument("--config", required=True)
@@ -49,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "reproduce":
             return _reproduce(args.study, args.scale, args.jobs, args.results)
+        if args.command == "embed":
+            return _embed(args.run, Path(args.out), args.split, args.device, args.overrides)
         if args.command == "configs":
             print("shipped configs:", ", ".join(shipped_configs()))
             print("config keys:", ", ".join(TrainConfig.field_names()))
@@ -80,6 +95,40 @@ def _reproduce(study: str, scale: str, jobs: int, results: str) -> int:
             file=sys.stderr,
         )
         return 130
+    return 0
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot be written (checked before the run is loaded), or None."""
+    if out.suffix != ".npy":
+        return f"--out must name a .npy file, got {str(out)!r}"
+    if out.is_dir():
+        return f"--out {out} is a directory; name a .npy file in it"
+    if not out.parent.is_dir():
+        return f"the directory of --out ({out.parent}) does not exist; create it first"
+    return None
+
+
+def _embed(run_dir: str, out: Path, split: str, device: str, overrides: list[str]) -> int:
+    from .checkpoint import CheckpointError, atomic_save_npy
+    from .data import DatasetError
+    from .train import embed, load_trained_run
+
+    problem = _out_problem(out)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        features = embed(load_trained_run(run_dir, device, overrides), split)
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)  # ValueError: no test set to embed
+        return 2
+    try:
+        atomic_save_npy(features.numpy(), out)
+    except OSError as err:
+        print(f"error: cannot write {out}: {err.strerror or err}; choose a writable --out", file=sys.stderr)
+        return 1
+    print(json.dumps({"out": str(out), "split": split, "shape": list(features.shape), "run_dir": str(run_dir)}))
     return 0
 
 

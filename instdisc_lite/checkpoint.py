@@ -64,6 +64,11 @@ def atomic_write_text(text: str, path: str | Path) -> None:
     _atomic_write(path, "w", lambda f: f.write(text))
 
 
+def atomic_save_npy(array: np.ndarray, path: str | Path) -> None:
+    """``numpy.save(path, array)``, atomically (written to exactly ``path``: no ``.npy`` is appended)."""
+    _atomic_write(path, "wb", lambda f: np.save(f, array, allow_pickle=False))
+
+
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     """Delete the temporary files a kill during :func:`_atomic_write` left in ``directory``; returns them.
 

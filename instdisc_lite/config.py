@@ -4,6 +4,10 @@ A shipped config is named by its file stem in ``instdisc_lite/configs/`` (``fash
 ``cifar10_resnet18``, ``imagenet_resnet50``, ``imagenet_resnet18``); any other argument is a path
 to a YAML file. Unknown keys fail and list the valid ones.
 
+Your own images: ``dataset: npz`` (``data_path`` names a ``.npz`` file of ``images`` and optional ``labels``) or
+``dataset: folder`` (``data_path`` names an image folder, resized to ``image_size``), each with an optional test set
+in ``test_path``; see :mod:`instdisc_lite.data`.
+
 Every key is checked (type, range, choices) when a config is built by :func:`config_from_dict` or
 :func:`load_config`, before any data is read; :func:`validate_config` (or :meth:`TrainConfig.validate`) runs the
 same checks on a config built another way, e.g. with ``dataclasses.replace``. A bad value raises
@@ -28,7 +32,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 # Choices that live nowhere else (the datasets, augmentations and bank initialisations are plain strings in
 # data.py / train.py). The architectures, objectives and Z modes are read from their modules (see _RULES).
-DATASETS = ("fashion_mnist", "cifar10", "imagenet")
+DATASETS = ("fashion_mnist", "cifar10", "imagenet", "npz", "folder")
+OWN_DATASETS = ("npz", "folder")  # your own images, read from data_path (and test_path)
 AUGMENTS = ("paper", "crop_flip", "none")
 BANK_INITS = ("random", "features")
 MAX_NAME_LENGTH = 100
@@ -52,11 +57,18 @@ class TrainConfig:
     # the method (instdisc_lite.methods): where the negatives come from and which loss scores them
     method: str = "instdisc"  # instdisc | the family's methods registered in instdisc_lite.methods
     # data
-    dataset: str = "cifar10"  # fashion_mnist | cifar10 | imagenet
-    data_root: str = "data"
+    dataset: str = "cifar10"  # fashion_mnist | cifar10 | imagenet | npz | folder (your own images)
+    data_root: str = "data"  # where fashion_mnist, cifar10 and imagenet are looked for
+    # npz / folder only: the training images (a .npz file / an image folder) and an optional test set of the same kind
+    data_path: str | None = None
+    test_path: str | None = None
+    # npz / folder: the side the images are resized (shorter side) and centre-cropped to; null keeps an npz file's
+    # size (a folder needs one: its images may be of any size)
+    image_size: int | None = None
     train_subset: int | None = None  # train on the first N images (a quick setting); None = all
     augment: str = "paper"  # paper | crop_flip (no colour or intensity changes: CMC's colour views) | none
     crop_scale: float = 0.2  # smallest RandomResizedCrop area fraction (paper: 0.2)
+    flip: bool = True  # random horizontal flips (the paper's); false where a mirror is another thing (digits, text)
     num_workers: int = 2  # loader processes, at most the CPUs available
     # encoder
     arch: str = "resnet18_cifar"  # small_cnn | small_cnn_fast | resnet18_cifar | resnet18 | resnet50
@@ -271,6 +283,10 @@ def _path(key: str, value: Any) -> str:
     return text
 
 
+def _optional_path(key: str, value: Any) -> str | None:
+    return None if value is None else _path(key, value)
+
+
 def _device(key: str, value: Any) -> str:
     text = _string(key, value)
     if not _DEVICE.fullmatch(text):  # only the form: whether the device exists is checked when a run starts
@@ -329,9 +345,13 @@ _RULES: dict[str, Check] = {
     "method": _choice(_methods),
     "dataset": _choice(lambda: DATASETS),
     "data_root": _path,
+    "data_path": _optional_path,
+    "test_path": _optional_path,
+    "image_size": _integer(1, optional=True),
     "train_subset": _OPTIONAL_POSITIVE_INT,
     "augment": _choice(lambda: AUGMENTS),
     "crop_scale": _real(0, 1, low_open=True),
+    "flip": _boolean,
     "num_workers": _COUNT,
     "arch": _choice(_architectures),
     "low_dim": _POSITIVE_INT,
@@ -391,7 +411,35 @@ def validate_config(config: TrainConfig) -> TrainConfig:
             f"config key 'train_subset' ({subset}) is smaller than 'batch_size' ({batch}): an epoch would have no "
             "step (incomplete batches are dropped); lower batch_size or raise train_subset"
         )
+    _check_own_data(values)
     return dataclasses.replace(config, **values)
+
+
+def _check_own_data(values: dict[str, Any]) -> None:
+    """The keys of ``dataset: npz | folder`` go together: ``data_path`` is required (and a ``.npz`` file for npz, as is
+    ``test_path``), a folder needs ``image_size``; other datasets take none of the three (a key that would be silently
+    ignored is refused)."""
+    dataset, data_path, test_path = values["dataset"], values["data_path"], values["test_path"]
+    if dataset not in OWN_DATASETS:
+        for key in ("data_path", "test_path", "image_size"):
+            if values[key] is not None:
+                raise ConfigError(
+                    f"config key {key!r} is used only by dataset npz or folder, but dataset is {dataset!r}: "
+                    f"remove it (set it to null), or set dataset to npz or folder"
+                )
+        return
+    what = "a .npz file of images (and labels)" if dataset == "npz" else "a folder of images (root/<class>/*.png)"
+    if data_path is None:
+        raise ConfigError(f"config key 'data_path' must be set for dataset {dataset!r}: {what} to train on")
+    if dataset == "npz":
+        for key, path in (("data_path", data_path), ("test_path", test_path)):
+            if path is not None and not path.endswith(".npz"):
+                raise _fail(key, "a .npz file for dataset 'npz' (for a folder of images use dataset: folder)", path)
+    elif values["image_size"] is None:
+        raise ConfigError(
+            "config key 'image_size' must be set for dataset 'folder': the side its images are resized and "
+            "centre-cropped to (e.g. 32 or 64)"
+        )
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:

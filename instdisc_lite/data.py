@@ -5,10 +5,14 @@
   torchvision where the network allows.
 * CIFAR-10: torchvision's loader over the ``cifar-10-batches-py`` pickles.
 * ImageNet: torchvision's ``ImageFolder`` over ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/``.
+* Your own images (``dataset: npz`` / ``folder``): a ``.npz`` file of ``images`` (N, H, W) or (N, H, W, C) uint8
+  and optional ``labels`` (N,), or an image folder (``root/<class>/*.png|jpg``, or the images directly in ``root``)
+  resized to ``image_size``; each with an optional test set of the same kind. Labels are optional: without them
+  a run trains all the same and skips the kNN evaluation (:attr:`DataBundle.knn_unavailable`).
 
 Augmentation is the paper's (RandomResizedCrop scale 0.2-1, ColorJitter 0.4, RandomGrayscale 0.2,
-flip) for CIFAR/ImageNet, applied per image in DataLoader workers. Fashion-MNIST is small enough to
-live in one tensor; it is augmented a whole batch at a time on the training device
+flip) for CIFAR/ImageNet, applied per image in DataLoader workers. Fashion-MNIST and your own images
+are held in one uint8 tensor; they are augmented a whole batch at a time on the training device
 (:class:`BatchAugment`), which is what makes a CPU run of a few minutes possible.
 
 Order and randomness (what makes a resumed or a multi-process run see the same data):
@@ -33,6 +37,7 @@ import math
 import os
 import pickle
 import random
+import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,12 +47,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torchvision import transforms as T
 
 from . import distributed
-from .config import ConfigError
+from .config import DATASETS, ConfigError
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -427,17 +433,18 @@ class SeededItems(Dataset):
 
 
 def paper_train_transform(
-    size: int, mean, std, scale: tuple[float, float] = (0.2, 1.0), colour: bool = True
+    size: int, mean, std, scale: tuple[float, float] = (0.2, 1.0), colour: bool = True, flip: bool = True
 ) -> T.Compose:
     """The paper's augmentation: RandomResizedCrop(``scale``; the paper's 0.2-1), ColorJitter(0.4 x4),
     RandomGrayscale(0.2), horizontal flip. ``colour=False`` (``augment: crop_flip``) keeps the crop and the flip
     only: for CMC, whose views *are* colour channels, a grayscale crop would leave the ab view empty and hue or
-    saturation jitter would change mostly that view."""
+    saturation jitter would change mostly that view. ``flip=False`` (config ``flip: false``) leaves out the flip."""
     colour_ops = [T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomGrayscale(p=0.2)] if colour else []
+    flip_ops = [T.RandomHorizontalFlip()] if flip else []
     return T.Compose([
         T.RandomResizedCrop(size, scale=scale),
         *colour_ops,
-        T.RandomHorizontalFlip(),
+        *flip_ops,
         T.ToTensor(),
         T.Normalize(mean, std),
     ])  # fmt: skip
@@ -539,10 +546,12 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class TensorBatchLoader:
-    """Batches of ``(uint8 images (B, 1, H, W), labels (B,), indices (B,))`` straight from in-memory tensors.
+    """Batches of ``(uint8 images (B, C, H, W), labels (B,), indices (B,))`` straight from in-memory tensors.
 
     The per-image DataLoader path costs tens of microseconds per image in Python; for a dataset that
-    fits in memory, slicing a tensor is all a batch needs. ``indices`` are positions in ``data``.
+    fits in memory, slicing a tensor is all a batch needs. ``data`` is ``(N, H, W)`` (grayscale: batches get
+    ``C = 1``) or ``(N, C, H, W)``; ``targets`` ``(N,)`` (:data:`UNLABELLED` for images without a label);
+    ``indices`` are positions in ``data``.
 
     * ``shuffle=True`` (training): this rank's :func:`rank_batches` of :func:`epoch_order` ``(seed, epoch)``;
       ``set_epoch`` picks the epoch, so a resumed run sees the same batches as an uninterrupted one and the
@@ -589,7 +598,8 @@ class TensorBatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for idx in self._batches():
-            yield self.data[idx].unsqueeze(1), self.targets[idx], idx
+            images = self.data[idx]
+            yield (images.unsqueeze(1) if images.dim() == 3 else images), self.targets[idx], idx
 
 
 def train_loader(
@@ -654,6 +664,344 @@ def labelled_loader(loader, positions: Sequence[int], batch_size: int, seed: int
 
 
 # ----------------------------------------------------------------------------------------------
+# Your own images: a .npz file or an image folder, held in memory as one uint8 tensor
+# ----------------------------------------------------------------------------------------------
+
+UNLABELLED = -1  # the label the loaders carry for an image that has none
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})  # PIL modes read as one channel
+MAX_MEMORY_FRACTION = 0.5  # own images may take at most this share of the free memory (the run needs the rest)
+NPZ_LAYOUT = "'images' (N, H, W) or (N, H, W, C) uint8 with C = 1 or 3, and optionally 'labels' (N,) integers"
+FOLDER_LAYOUT = "root/<class>/<image> (labelled, >= 2 classes) or the images directly in root (unlabelled)"
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:300]
+
+
+def read_npz(path: str | Path, key: str = "data_path") -> tuple[np.ndarray, np.ndarray | None]:
+    """The arrays of an images ``.npz`` file: ``images`` ``(N, C, H, W)`` uint8 (grayscale ``(N, H, W)`` and
+    channels-last ``(N, H, W, C)`` files are turned into it) and ``labels`` ``(N,)`` integers, or None if the file has
+    none. ``key`` is the config key that named the file (for the messages).
+
+    A missing file raises :class:`DatasetNotFoundError`; a file that is no ``.npz`` archive (or needs pickle), or
+    whose arrays have the wrong dtype, rank or length, raises :class:`DatasetCorruptError` naming the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"{key}: {path} not found; dataset 'npz' expects a .npz file with {NPZ_LAYOUT} "
+                                   "(numpy.savez(path, images=..., labels=...))")  # fmt: skip
+    fix = f"write it with numpy.savez(path, images=..., labels=...): {NPZ_LAYOUT}"
+    try:
+        archive = np.load(path, allow_pickle=False)  # no pickle: a planted object is refused, not run
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DatasetCorruptError(f"{path} holds a single .npy array, not a .npz archive; {fix}")
+        with archive:
+            if "images" not in archive.files:
+                raise DatasetCorruptError(f"{path} holds arrays {archive.files}, no 'images'; {fix}")
+            images = archive["images"]
+            labels = archive["labels"] if "labels" in archive.files else None
+    except DatasetError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DatasetCorruptError(f"{path} is not a readable .npz file ({_one_line(err)}); {fix}") from err
+    images = _channels_first(images, path)
+    if labels is not None:
+        if labels.shape != (len(images),):
+            raise DatasetCorruptError(
+                f"{path}: 'labels' of shape {labels.shape} for {len(images)} images; expected ({len(images)},), one "
+                "label per image (or no 'labels' array for unlabelled images)"
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DatasetCorruptError(f"{path}: 'labels' are {labels.dtype}; expected integers (one class per image)")
+    return images, labels
+
+
+def _channels_first(images: np.ndarray, path: Path) -> np.ndarray:
+    """``(N, H, W)`` or ``(N, H, W, C)`` uint8 -> ``(N, C, H, W)`` (a view); anything else is a DatasetCorruptError."""
+    if images.dtype != np.uint8:
+        convert = "(x * 255).round().astype(numpy.uint8)" if images.dtype.kind == "f" else "x.astype(numpy.uint8)"
+        raise DatasetCorruptError(
+            f"{path}: 'images' are {images.dtype}; expected uint8 pixels 0-255 (convert with {convert})"
+        )
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[3] in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    elif images.ndim == 4 and images.shape[1] in (1, 3):
+        raise DatasetCorruptError(f"{path}: 'images' of shape {images.shape} look channels-first; expected "
+                                  "(N, H, W, C): numpy.transpose(images, (0, 2, 3, 1))")  # fmt: skip
+    else:
+        raise DatasetCorruptError(f"{path}: 'images' of shape {images.shape}; expected (N, H, W) or (N, H, W, C) "
+                                  "with C = 1 (grayscale) or 3 (RGB)")  # fmt: skip
+    if images.shape[0] == 0 or min(images.shape[2:]) == 0:
+        raise DatasetCorruptError(f"{path}: 'images' of shape {images.shape} hold no pixels; {NPZ_LAYOUT}")
+    return images
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)  # .DS_Store, .ipynb_checkpoints
+
+
+def _image_files(directory: Path, root: Path, recursive: bool) -> list[Path]:
+    found = directory.rglob("*") if recursive else directory.iterdir()
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and _visible(p, root) and p.is_file())
+
+
+def scan_image_folder(root: str | Path, key: str = "data_path") -> tuple[list[Path], list[str] | None]:
+    """The image files of a folder in row order, and each one's class (its class folder's name), or None.
+
+    Layouts: ``root/<class>/**/<image>`` (class folders in name order, the files of each sorted by path) or the
+    images directly in ``root`` (sorted; classes None). Hidden files and folders are skipped, as are folders without
+    images. Whether the classes count as labels is the caller's rule (:func:`load_image_folder`: two or more).
+    A missing folder raises :class:`DatasetNotFoundError`; one without images, or with images both directly in it
+    and in sub-folders, :class:`DatasetError`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "not found"
+        raise DatasetNotFoundError(
+            f"{key}: {root} {what}; dataset 'folder' expects a folder of images: {FOLDER_LAYOUT}"
+        )
+    loose = _image_files(root, root, recursive=False)
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and _visible(d, root))
+    classes = {d.name: files for d in folders if (files := _image_files(d, root, recursive=True))}
+    if loose and classes:
+        raise DatasetError(
+            f"{root} holds images both directly ({loose[0].name}, ...) and in sub-folders ({', '.join(classes)}); "
+            "put every image in a class folder (labelled) or all of them directly in the folder (unlabelled)"
+        )
+    if loose:
+        return loose, None
+    if not classes:
+        raise DatasetError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}); expected {FOLDER_LAYOUT}")
+    return [f for files in classes.values() for f in files], [c for c, files in classes.items() for _ in files]
+
+
+def _open_image(path: Path):
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: BaseException) -> DatasetCorruptError:
+    return DatasetCorruptError(f"{path} is not a readable image ({_one_line(err)}); replace or delete it")
+
+
+def free_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None where the OS does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_in_memory(num_images: int, image_shape: Sequence[int], what: str) -> None:
+    """Raise :class:`DatasetError` when ``num_images`` uint8 images of ``image_shape`` ``(C, H, W)`` would take more
+    than :data:`MAX_MEMORY_FRACTION` of the free memory (the in-memory path holds them all at once)."""
+    need, free = num_images * math.prod(image_shape), free_memory()
+    if free is not None and need > MAX_MEMORY_FRACTION * free:
+        raise DatasetError(
+            f"{what}: {num_images} images of {tuple(image_shape)} need {need / 2**30:.1f} GiB, more than half of the "
+            f"{free / 2**30:.1f} GiB of free memory; lower image_size or train_subset / eval_subset"
+        )
+
+
+def read_image_files(files: Sequence[Path], size: int, channels: int) -> torch.Tensor:
+    """Decode ``files`` into one ``(N, channels, size, size)`` uint8 tensor: each image converted to grayscale
+    (``channels=1``) or RGB, its shorter side resized to ``size`` and the centre cropped (aspect ratio kept)."""
+    mode = "L" if channels == 1 else "RGB"
+    out = np.empty((len(files), size, size, channels), dtype=np.uint8)
+    for i, path in enumerate(files):
+        try:
+            with _open_image(path) as img:
+                img.draft(mode, (size, size))  # JPEG: decode at a reduced scale still >= size (much faster)
+                fitted = ImageOps.fit(img.convert(mode), (size, size), Image.Resampling.BILINEAR)
+        except DatasetError:
+            raise
+        except (OSError, ValueError, SyntaxError) as err:  # truncated or damaged after a readable header
+            raise _unreadable(path, err) from err
+        out[i] = np.asarray(fitted).reshape(size, size, channels)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def image_channels(files: Sequence[Path]) -> int:
+    """1 if every image is grayscale (by its header: nothing is decoded), else 3."""
+    for path in files:
+        with _open_image(path) as img:
+            if img.mode not in GRAYSCALE_MODES:
+                return 3
+    return 1
+
+
+def resize_images(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """``(N, C, H, W)`` uint8 -> ``(N, C, size, size)`` uint8: the shorter side resized to ``size`` (antialiased
+    bilinear), the centre cropped; the same tensor when it already is ``size`` x ``size``."""
+    n, c, h, w = images.shape
+    if (h, w) == (size, size):
+        return images
+    check_fits_in_memory(n, (c, size, size), "resized images")
+    scale = size / min(h, w)
+    rh, rw = max(size, round(h * scale)), max(size, round(w * scale))
+    top, left = (rh - size) // 2, (rw - size) // 2
+    out = torch.empty((n, c, size, size), dtype=torch.uint8)
+    for start in range(0, n, chunk):  # one chunk of floats at a time, not the whole set
+        x = F.interpolate(images[start : start + chunk].float(), size=(rh, rw), mode="bilinear", antialias=True)
+        out[start : start + chunk] = x[..., top : top + size, left : left + size].round().clamp(0, 255).byte()
+    return out
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (in [0, 1] units) of uint8 images ``(N, C, H, W)``, exact, from their histograms
+    (no float copy of the set). A constant channel gets std 1/255 rather than 0, so normalising never divides by 0."""
+    counts = torch.zeros(images.shape[1], 256, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        part = images[start : start + chunk]
+        for ch in range(images.shape[1]):
+            counts[ch] += torch.bincount(part[:, ch].reshape(-1), minlength=256).double()
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    total = counts.sum(1)
+    mean = (counts * values).sum(1) / total
+    std = ((counts * values**2).sum(1) / total - mean**2).clamp_min(0).sqrt().clamp_min(1 / 255)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+@dataclass
+class OwnImages:
+    """One split of your own data as read: ``images`` ``(N, C, H, W)`` uint8; ``labels`` ``(N,)`` raw class
+    values (integers from a ``.npz``, folder names from a folder), or None."""
+
+    images: torch.Tensor
+    labels: np.ndarray | None
+
+
+def _npz_split(path: str, key: str, subset: int | None, size: int | None) -> OwnImages:
+    images, labels = read_npz(path, key)
+    keep = _first(subset, len(images))
+    tensor = torch.from_numpy(np.ascontiguousarray(images[:keep]))  # (N, C, H, W): a copy of the kept images only
+    return OwnImages(tensor if size is None else resize_images(tensor, size), None if labels is None else labels[:keep])
+
+
+def load_npz(config) -> tuple[OwnImages, OwnImages | None]:
+    """The training split (``data_path``) and the test split (``test_path``, or None) of ``dataset: npz``: the first
+    ``train_subset`` / ``eval_subset`` images of each file, resized to ``image_size`` when it is set."""
+    train = _npz_split(config.data_path, "data_path", config.train_subset, config.image_size)
+    if config.test_path is None:
+        return train, None
+    return train, _npz_split(config.test_path, "test_path", config.eval_subset, config.image_size)
+
+
+def _folder_split(
+    files: list[Path], classes: list[str] | None, subset: int | None, labelled: bool
+) -> tuple[list[Path], np.ndarray | None]:
+    labels = np.asarray(classes) if labelled and classes is not None else None
+    n = _first(subset, len(files))
+    # labelled: a round-robin over the classes (the folder lists them one after the other), as for ImageNet
+    keep = stratified_subset(labels, n) if labels is not None and n < len(files) else list(range(n))
+    return [files[i] for i in keep], None if labels is None else labels[keep]
+
+
+def load_image_folder(config) -> tuple[OwnImages, OwnImages | None]:
+    """The training split (``data_path``) and the test split (``test_path``, or None) of ``dataset: folder``, every
+    image resized to ``image_size`` and grayscale when all of them are, RGB otherwise.
+
+    Labels are the class folders' names when the training folder has two or more (a test folder is then labelled
+    when its images are in class folders). ``train_subset`` / ``eval_subset`` take a round-robin over the classes
+    (:func:`stratified_subset`) when labelled, else the first images.
+    """
+    files, classes = scan_image_folder(config.data_path, "data_path")
+    labelled = classes is not None and len(set(classes)) >= 2  # one class folder tells nothing apart
+    train_files, train_labels = _folder_split(files, classes, config.train_subset, labelled)
+    test_files, test_labels = [], None
+    if config.test_path is not None:
+        test_scan = scan_image_folder(config.test_path, "test_path")
+        test_files, test_labels = _folder_split(*test_scan, config.eval_subset, labelled)
+    channels, size = image_channels([*train_files, *test_files]), config.image_size
+    check_fits_in_memory(len(train_files) + len(test_files), (channels, size, size), f"{config.data_path}")
+    train = OwnImages(read_image_files(train_files, size, channels), train_labels)
+    if config.test_path is None:
+        return train, None
+    return train, OwnImages(read_image_files(test_files, size, channels), test_labels)
+
+
+# dataset -> the reader of its (training, test) images: your own data, held in memory
+OWN_DATA = {"npz": load_npz, "folder": load_image_folder}
+
+
+def _encode_labels(train: np.ndarray, test: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Raw class values (integers or names) -> class indices ``0..K-1`` in sorted order of the values of both splits
+    (a test class that never occurs in training gets an index too, and simply cannot be predicted)."""
+    classes = np.unique(train if test is None else np.concatenate([train, test]))
+
+    def code(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.searchsorted(classes, values).astype(np.int64))
+
+    return code(train), None if test is None else code(test), len(classes)
+
+
+def _own_bundle(config, train: OwnImages, test: OwnImages | None) -> DataBundle:
+    """The in-memory bundle of your own images: normalised with the training images' per-channel mean and std."""
+    if test is not None and test.images.shape[1:] != train.images.shape[1:]:
+        raise DatasetError(
+            f"the test images (test_path {config.test_path}) are {tuple(test.images.shape[1:])} (C, H, W), the "
+            f"training images {tuple(train.images.shape[1:])}; they must match (set image_size to resize both)"
+        )
+    train_labels = test_labels = None
+    num_classes = 0  # unlabelled
+    if train.labels is not None:
+        train_labels, test_labels, num_classes = _encode_labels(train.labels, None if test is None else test.labels)
+    mean, std = channel_stats(train.images)
+    return _in_memory_bundle(
+        config, train.images, train_labels, None if test is None else test.images, test_labels, mean, std, num_classes
+    )
+
+
+def _in_memory_bundle(
+    config,
+    train: torch.Tensor,
+    train_labels: torch.Tensor | None,
+    test: torch.Tensor | None,
+    test_labels: torch.Tensor | None,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    num_classes: int,
+) -> DataBundle:
+    """The bundle of a dataset held in memory: uint8 ``train`` and ``test`` images ``(N, H, W)`` or ``(N, C, H, W)``
+    with labels ``(N,)`` (None: unlabelled; ``test`` None: no test set), batches sliced from the tensors
+    (:class:`TensorBatchLoader`) and augmented on the training device (:class:`BatchAugment`)."""
+    check_batch_fits(config.batch_size, distributed.world_size(), len(train))
+    targets = train_labels if train_labels is not None else torch.full((len(train),), UNLABELLED)
+    if config.augment == "none":
+        augment: nn.Module = Normalize(mean, std)
+    else:
+        jitter = 0.0 if config.augment == "crop_flip" else 0.4  # crop_flip: no brightness/contrast jitter
+        augment = BatchAugment(mean, std, scale=(config.crop_scale, 1.0), flip=config.flip, jitter=jitter)
+    test_loader = None
+    if test is not None:
+        test_targets = test_labels if test_labels is not None else torch.full((len(test),), UNLABELLED)
+        test_loader = TensorBatchLoader(test, test_targets, EVAL_BATCH_TENSOR, shuffle=False)
+    return DataBundle(
+        train_loader=TensorBatchLoader(train, targets, config.batch_size, True, drop_last=True, seed=config.seed),
+        train_eval_loader=TensorBatchLoader(train, targets, EVAL_BATCH_TENSOR, shuffle=False),
+        test_loader=test_loader,
+        train_augment=augment,
+        eval_transform=Normalize(mean, std),
+        num_train=len(train),
+        train_labels=None if train_labels is None else train_labels.clone(),
+        in_channels=1 if train.dim() == 3 else train.shape[1],
+        num_classes=num_classes,
+        num_test=0 if test is None else len(test),
+        mean=mean,
+        std=std,
+        test_labelled=test_labels is not None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # One entry point for the trainer
 # ----------------------------------------------------------------------------------------------
 
@@ -669,27 +1017,44 @@ class DataBundle:
     positions ``0..N-1`` as ``indices`` (all of them in one process); for ``train_eval_loader`` the position
     is the bank row. ``train_labels`` ``(num_train,)`` label every bank row; ``num_test`` is the number of
     test images over all ranks.
+
+    Your own data may lack labels or a test set: then ``train_labels`` is None (``num_classes`` 0), ``test_loader``
+    is None (``num_test`` 0), or ``test_labelled`` is False; the loaders carry :data:`UNLABELLED` as the label of
+    an image without one, and :attr:`knn_unavailable` says why no kNN can be scored.
     """
 
     train_loader: object
     train_eval_loader: object
-    test_loader: object
+    test_loader: object | None
     train_augment: nn.Module
     eval_transform: nn.Module
     num_train: int
-    train_labels: torch.Tensor
+    train_labels: torch.Tensor | None
     in_channels: int
     num_classes: int
     num_test: int
     mean: tuple[float, ...] = ()  # the per-channel normalisation every image arrives with (to undo it: CMC's Lab)
     std: tuple[float, ...] = ()
+    test_labelled: bool = True
+
+    @property
+    def knn_unavailable(self) -> str | None:
+        """Why no kNN evaluation can be scored on this data (a kNN needs labelled training and test images), or None
+        when it can."""
+        if self.train_labels is None:
+            return "the training images have no labels"
+        if self.test_loader is None:
+            return "there is no test set (test_path)"
+        if not self.test_labelled:
+            return "the test images have no labels"
+        return None
 
     def views(self, images: torch.Tensor, num_views: int = 1) -> list[torch.Tensor]:
         """``num_views`` independently augmented views ``(B, C, H, W)`` of a training batch, on its device.
 
-        In-memory data (Fashion-MNIST) arrives raw, ``(B, C, H, W)``, and is augmented here once per view; loader
-        data (CIFAR-10, ImageNet) arrives augmented, ``(B, C, H, W)`` for one view or ``(B, V, C, H, W)`` from
-        :class:`MultiView`, and is split into its views.
+        In-memory data (Fashion-MNIST, your own images) arrives raw, ``(B, C, H, W)``, and is augmented here once per
+        view; loader data (CIFAR-10, ImageNet) arrives augmented, ``(B, C, H, W)`` for one view or ``(B, V, C, H, W)``
+        from :class:`MultiView`, and is split into its views.
         """
         if images.dim() == 5:
             if images.shape[1] != num_views:
@@ -775,36 +1140,20 @@ def build_data(config, device: torch.device | str = "cpu", num_views: int = 1) -
         config.seed,
         distributed.world_size(),
     )
+    if config.dataset in OWN_DATA:
+        return _own_bundle(config, *OWN_DATA[config.dataset](config))
     if config.dataset == "fashion_mnist":
         train = FashionMNIST(config.data_root, train=True)
         test = FashionMNIST(config.data_root, train=False)
         n, n_test = _first(config.train_subset, len(train)), _first(config.eval_subset, len(test))
-        check_batch_fits(bs, world, n)
-        data, targets = train.data[:n], train.targets[:n]  # the first N: the benchmarks rely on that
-        if config.augment == "none":
-            augment: nn.Module = Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
-        else:
-            jitter = 0.0 if config.augment == "crop_flip" else 0.4  # crop_flip: no brightness/contrast jitter
-            augment = BatchAugment(FASHION_MNIST_MEAN, FASHION_MNIST_STD, scale=(config.crop_scale, 1.0), jitter=jitter)
-        return DataBundle(
-            train_loader=TensorBatchLoader(data, targets, bs, shuffle=True, drop_last=True, seed=seed),
-            train_eval_loader=TensorBatchLoader(data, targets, EVAL_BATCH_TENSOR, shuffle=False),
-            test_loader=TensorBatchLoader(test.data[:n_test], test.targets[:n_test], EVAL_BATCH_TENSOR, shuffle=False),
-            train_augment=augment,
-            eval_transform=Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD),
-            num_train=n,
-            train_labels=targets.clone(),
-            in_channels=1,
-            num_classes=10,
-            num_test=n_test,
-            mean=FASHION_MNIST_MEAN,
-            std=FASHION_MNIST_STD,
-        )
+        # the first N: the benchmarks rely on that
+        return _in_memory_bundle(config, train.data[:n], train.targets[:n], test.data[:n_test], test.targets[:n_test],
+                                 FASHION_MNIST_MEAN, FASHION_MNIST_STD, num_classes=10)  # fmt: skip
     if config.dataset == "cifar10":
         mean, std, size = CIFAR10_MEAN, CIFAR10_STD, 32
         eval_tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
         train_tf = (
-            paper_train_transform(size, mean, std, (config.crop_scale, 1.0), colour=config.augment == "paper")
+            paper_train_transform(size, mean, std, (config.crop_scale, 1.0), config.augment == "paper", config.flip)
             if config.augment != "none"
             else eval_tf
         )
@@ -819,7 +1168,7 @@ def build_data(config, device: torch.device | str = "cpu", num_views: int = 1) -
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
         train_tf = (
-            paper_train_transform(224, mean, std, (config.crop_scale, 1.0), colour=config.augment == "paper")
+            paper_train_transform(224, mean, std, (config.crop_scale, 1.0), config.augment == "paper", config.flip)
             if config.augment != "none"
             else eval_tf
         )
@@ -830,7 +1179,7 @@ def build_data(config, device: torch.device | str = "cpu", num_views: int = 1) -
         keep_test = _imagenet_subset(test.targets, config.eval_subset)
         num_classes = len(train.classes)
     else:
-        raise ValueError(f"unknown dataset {config.dataset!r}; choose one of: fashion_mnist, cifar10, imagenet")
+        raise ValueError(f"unknown dataset {config.dataset!r}; choose one of: {', '.join(DATASETS)}")
     check_batch_fits(bs, world, len(keep))
     if num_views > 1 and config.augment != "none":
         train.transform = MultiView(train.transform, num_views)

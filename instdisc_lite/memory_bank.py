@@ -58,7 +58,9 @@ class MemoryBank(nn.Module):
 
     def get(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` of the bank, shape ``idx.shape + (dim,)``; no gradient flows into the bank."""
-        return self.memory[idx].detach()
+        # index_select copies whole rows; advanced indexing (memory[idx]) is several times slower on the CPU
+        rows = self.memory.index_select(0, idx.reshape(-1))
+        return rows.view(*idx.shape, self.dim).detach()
 
     @torch.no_grad()
     def update(self, idx: torch.Tensor, features: torch.Tensor) -> None:
@@ -82,13 +84,19 @@ class MemoryBank(nn.Module):
             )
         idx = distributed.all_gather_varlen(idx.to(self.memory.device))
         features = distributed.all_gather_varlen(features.detach().to(self.memory))
-        unique, inverse = torch.unique(idx, return_inverse=True)
-        if unique.numel() != idx.numel():  # average repeated indices before the update
-            summed = torch.zeros(unique.numel(), self.dim, dtype=features.dtype, device=features.device)
-            summed.index_add_(0, inverse, features)
-            counts = torch.bincount(inverse, minlength=unique.numel()).to(features.dtype)
-            features = summed / counts[:, None]
-            idx = unique
+        # Average repeated indices without torch.unique, whose data-dependent size would make a GPU wait for the
+        # host every step: sort (stably, so repeats are summed in batch order), number the runs of equal indices,
+        # sum each run into its slot of a (B, d) buffer, and give every member of a run its run's mean. Repeats
+        # then write the same row with the same value; a batch without repeats gets its own features back exactly.
+        idx, order = torch.sort(idx, stable=True)
+        features = features[order]
+        starts = torch.ones_like(idx, dtype=torch.bool)
+        starts[1:] = idx[1:] != idx[:-1]
+        run = torch.cumsum(starts, 0) - 1  # (B,) the run of equal indices each position belongs to
+        summed = torch.zeros_like(features).index_add_(0, run, features)
+        counts = torch.zeros(idx.shape[0], dtype=features.dtype, device=features.device)
+        counts.index_add_(0, run, torch.ones_like(counts))
+        features = summed[run] / counts[run, None]
         mixed = self.memory[idx] * self.momentum + features * (1.0 - self.momentum)
         self.memory[idx] = F.normalize(mixed, dim=1)
         self.updates += 1

@@ -15,6 +15,7 @@ kNN monitoring on the bank, metrics, atomic checkpoints and exact resumption. Th
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm  # plain text bars: no ipywidgets needed, no warning on the book pages
 
@@ -291,20 +293,44 @@ def load_run_checkpoint(run: Run, path: Path | None = None, state: dict[str, Any
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_finite(loss: torch.Tensor, run: Run, step: int) -> None:
-    finite = bool(torch.isfinite(loss).item())
-    if not distributed.any_rank(not finite):  # every rank stops together: none is left waiting in a collective
+# Steps between two host reads of the loss (the NaN check and the progress bar's figure). Reading a loss makes the
+# host wait until the device has finished that step; here the losses stay on the device and every CHECK_EVERY steps
+# (and at the end of the epoch) those since the last read come over in one transfer, so a GPU can run ahead.
+CHECK_EVERY = 50
+
+
+def _check_finite(losses: list[torch.Tensor], first_step: int, run: Run, bar: tqdm) -> None:
+    """Raise :class:`NonFiniteLossError` on every rank if a loss of ``losses`` (0-dim device tensors of the steps
+    ``first_step, first_step + 1, ...`` of this epoch, 0-based) is NaN/inf on any rank, naming the first such step;
+    else show the newest loss on ``bar``. One host read for all of them.
+
+    The check comes after the steps: the weights and the bank have taken the steps after the bad one too. Nothing
+    is saved from them: the error is raised before the epoch's checkpoint (and ``check_state_finite`` guards it).
+    """
+    values = torch.stack([loss.float() for loss in losses]).tolist()  # the one host read (a GPU sync)
+    bad_here = [not math.isfinite(v) for v in values]
+    bad_anywhere = bad_here
+    if distributed.is_distributed():  # every rank learns the bad steps of all, so all stop together, at one step
+        bad_anywhere = distributed.all_reduce_sum(torch.tensor(bad_here, dtype=torch.int32)).tolist()
+    if not any(bad_anywhere):
+        bar.set_postfix(loss=f"{values[-1]:.3f}")
         return
-    value = loss.item() if not finite else "non-finite on another rank"
+    first = next(i for i, count in enumerate(bad_anywhere) if count)
+    value = values[first] if bad_here[first] else "non-finite on another rank"
     raise NonFiniteLossError(
-        f"loss became {value} at epoch {run.epoch + 1}, step {step + 1} of run {run.config.name!r}. "
+        f"loss became {value} at epoch {run.epoch + 1}, step {first_step + first + 1} of run {run.config.name!r}. "
         f"Try: {_fixes(run.config)}. {_last_good(run)}"
     )
 
 
-def train_one_epoch(run: Run) -> dict[str, float]:
-    """One pass over the training set; returns the mean loss, the lr and the wall time."""
+def train_one_epoch(run: Run, check_every: int | None = None) -> dict[str, float]:
+    """One pass over the training set; returns the mean loss, the lr and the wall time.
+
+    No step reads a tensor on the host: the losses are checked for NaN/inf (and shown on the progress bar) every
+    ``check_every`` steps (default :data:`CHECK_EVERY`) and at the end of the epoch, in one read each.
+    """
     cfg, model, opt = run.config, run.model, run.optimizer
+    check_every = check_every or CHECK_EVERY
     lr = learning_rate(cfg, run.epoch, distributed.world_size())
     for group in opt.param_groups:
         group["lr"] = lr
@@ -315,6 +341,7 @@ def train_one_epoch(run: Run) -> dict[str, float]:
         steps = min(steps, cfg.max_steps_per_epoch)
     total, count, start = torch.zeros((), device=run.device), 0, time.perf_counter()
     step_losses: list[torch.Tensor] = []  # only with log_step_loss (kept on the device: no sync per step)
+    unchecked: list[torch.Tensor] = []  # the losses since the last check, on the device
     bar = tqdm(
         total=steps,
         desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
@@ -333,7 +360,6 @@ def train_one_epoch(run: Run) -> dict[str, float]:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
             loss = model(views, indices)  # the method's loss (InstDisc: encode, then NCE over the bank)
-        _check_finite(loss, run, step)
         opt.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(opt)
@@ -341,11 +367,15 @@ def train_one_epoch(run: Run) -> dict[str, float]:
         run.method.after_step()  # the explicit no-grad step: InstDisc's bank update, MoCo's momentum + queue
         total += loss.detach()
         count += 1
+        unchecked.append(loss.detach())
         if cfg.log_step_loss:
             step_losses.append(loss.detach())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if len(unchecked) == check_every:
+            _check_finite(unchecked, step + 1 - len(unchecked), run, bar)
+            unchecked = []
         bar.update(1)
+    if unchecked:  # the end of the epoch: before anything of it is evaluated or saved
+        _check_finite(unchecked, count - len(unchecked), run, bar)
     bar.close()
     mean = distributed.all_reduce_mean(total / max(count, 1))  # the loss of the global batch
     stats = {"loss": mean.item(), "lr": lr, "time": time.perf_counter() - start}
@@ -354,9 +384,17 @@ def train_one_epoch(run: Run) -> dict[str, float]:
     return stats
 
 
+def _require_knn(run: Run) -> None:
+    reason = run.data.knn_unavailable
+    if reason is not None:
+        raise ValueError(f"no kNN evaluation of run {run.config.name!r}: {reason}")
+
+
 def evaluate_bank(run: Run) -> dict[str, float]:
     """Weighted kNN of freshly computed test features against the bank (the official monitor); a method without a
-    bank is monitored with recomputed training features instead."""
+    bank is monitored with recomputed training features instead. Data without labels or a test set
+    (``run.data.knn_unavailable``) raises ValueError: the trainer skips the kNN there."""
+    _require_knn(run)
     if run.bank is None:
         return evaluate_final(run)
     test_f, test_l = extract_features(run.encoder, run.data.test_loader, run.device, run.data.eval_transform)
@@ -368,7 +406,9 @@ def evaluate_bank(run: Run) -> dict[str, float]:
 
 
 def evaluate_final(run: Run) -> dict[str, float]:
-    """Weighted kNN with *recomputed* training features (no augmentation), as reported in the paper."""
+    """Weighted kNN with *recomputed* training features (no augmentation), as reported in the paper (ValueError
+    where the data cannot be scored, as :func:`evaluate_bank`)."""
+    _require_knn(run)
     train_f, train_l = extract_features(run.encoder, run.data.train_eval_loader, run.device, run.data.eval_transform)
     test_f, test_l = extract_features(run.encoder, run.data.test_loader, run.device, run.data.eval_transform)
     res = weighted_knn(
@@ -487,13 +527,16 @@ def train(
 def _train_epochs(run: Run, stop_after: int | None, on_epoch_end: Callable[[Run], dict[str, Any] | None] | None):
     config, main = run.config, distributed.is_main_process()
     start = time.perf_counter() - (run.metrics[-1]["elapsed"] if run.metrics else 0.0)
+    no_knn = run.data.knn_unavailable  # e.g. your own unlabelled images: they train all the same
+    if no_knn is not None and main and config.progress and run.epoch < config.epochs:
+        tqdm.write(f"no kNN evaluation in this run: {no_knn}")
     while run.epoch < config.epochs and (stop_after is None or run.epoch < stop_after):
         stats = train_one_epoch(run)
         run.epoch += 1
         distributed.broadcast_buffers(run.method)  # one set of BN statistics for evaluation and the checkpoint
         row: dict[str, Any] = {"epoch": run.epoch, **stats}
         row.update(run.method.epoch_stats())  # e.g. NCE's Z
-        if run.epoch % config.eval_every == 0 or run.epoch == config.epochs:
+        if no_knn is None and (run.epoch % config.eval_every == 0 or run.epoch == config.epochs):
             row.update(evaluate_bank(run))
         if on_epoch_end is not None:
             row.update(on_epoch_end(run) or {})
@@ -511,21 +554,72 @@ def _train_epochs(run: Run, stop_after: int | None, on_epoch_end: Callable[[Run]
 
 
 def _finish(run: Run) -> None:
-    final = evaluate_final(run)
+    no_knn = run.data.knn_unavailable
+    final = evaluate_final(run) if no_knn is None else {}
     if distributed.is_main_process():
         last = run.metrics[-1] if run.metrics else {}
         result = {"name": run.config.name, "epochs": run.epoch, "elapsed": last.get("elapsed", 0.0),
-                  "final_knn_top1": final["knn_top1"], "final_knn_top5": final["knn_top5"],
+                  "final_knn_top1": final.get("knn_top1"), "final_knn_top5": final.get("knn_top5"),
                   "bank_knn_top1": last.get("knn_top1"), "method": run.config.method,
                   "world_size": distributed.world_size(),
                   "device": str(run.device), "torch": torch.__version__}  # fmt: skip
+        if no_knn is not None:
+            result["knn_skipped"] = no_knn  # the kNN figures above are null, and this says why
         atomic_write_text(json.dumps(result, indent=2) + "\n", run.run_dir / "results.json")
     run.final = final
 
 
+# ----------------------------------------------------------------------------------------------
+# A trained run's features
+# ----------------------------------------------------------------------------------------------
+
+
+def load_trained_run(
+    run_dir: str | Path, device: str = "auto", overrides: list[str] | dict[str, Any] | None = None
+) -> Run:
+    """Rebuild the run in ``run_dir`` from its ``config.yaml`` (on ``device`` rather than the stored one; its data
+    read again, ``overrides`` applied: e.g. ``test_path`` to embed other images) and load its newest
+    ``checkpoint.pt`` (``weights_only=True``).
+
+    A missing directory, config or checkpoint raises FileNotFoundError naming it; a checkpoint that does not fit
+    the config, :class:`~instdisc_lite.checkpoint.CheckpointError`.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory at {run_dir}; pass --run runs/<name> of a trained run")
+    config_path, checkpoint_path = run_dir / "config.yaml", run_dir / "checkpoint.pt"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.yaml in {run_dir}: not a run directory written by train")
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint_path}; train the run first (a checkpoint is written "
+                                "after the first epoch)")  # fmt: skip
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    config = load_config(config_path, {**extra, "device": device})
+    state = load_checkpoint(checkpoint_path)  # before the data is read: a bad file costs nothing
+    run = build_run(config, select_device(device), init_bank=False)
+    load_run_checkpoint(run, checkpoint_path, state)
+    return run
+
+
+def embed(run: Run, split: str = "train") -> torch.Tensor:
+    """L2-normalised features ``(N, d)`` float32 of every ``split`` image (``train``: the bank rows, in dataset order;
+    ``test``: the test set) by the run's encoder, un-augmented, in eval mode. ValueError if there is no test set.
+
+    For methods with a projection head the encoder is the representation before the head (as evaluated); it is
+    normalised here too, as the kNN does.
+    """
+    loaders = {"train": run.data.train_eval_loader, "test": run.data.test_loader}
+    if split not in loaders:
+        raise ValueError(f"split must be one of {', '.join(loaders)}, got {split!r}")
+    if loaders[split] is None:
+        raise ValueError(f"run {run.config.name!r} has no test set (set test_path when training)")
+    features, _ = extract_features(run.encoder, loaders[split], run.device, run.data.eval_transform)
+    return F.normalize(features.float(), dim=1)
+
+
 __all__ = [
     "OBJECTIVES", "NonFiniteLossError", "Run", "RunExistsError", "RunInUseError", "TrainingInterrupted",
-    "build_objective", "build_run", "check_state_finite", "evaluate_bank", "evaluate_final", "initial_features",
-    "learning_rate", "load_run_checkpoint", "lr_schedule", "save_run_checkpoint", "select_device", "train",
-    "train_one_epoch",
+    "build_objective", "build_run", "check_state_finite", "embed", "evaluate_bank", "evaluate_final",
+    "initial_features", "learning_rate", "load_run_checkpoint", "load_trained_run", "lr_schedule",
+    "save_run_checkpoint", "select_device", "train", "train_one_epoch",
 ]  # fmt: skip

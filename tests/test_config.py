@@ -198,6 +198,9 @@ BAD_VALUES = [
     ("name", None), ("name", ["a"]),
     # paths
     ("out_dir", ""), ("data_root", ""), ("out_dir", " "), ("data_root", None),
+    # your own data (their combinations with dataset: test_own_data_keys_go_together)
+    ("data_path", ""), ("test_path", ["a.npz"]), ("image_size", 0), ("image_size", 32.0), ("flip", "yes"),
+    ("flip", None),
 ]  # fmt: skip
 
 
@@ -233,13 +236,14 @@ def test_unknown_choice_lists_the_valid_ones():
         "dataset": config.DATASETS, "augment": config.AUGMENTS, "bank_init": config.BANK_INITS,
         "arch": list(ARCHITECTURES), "objective": OBJECTIVES, "z_mode": Z_MODES,
     }  # fmt: skip
+    needs = {"npz": {"data_path": "mine.npz"}, "folder": {"data_path": "images", "image_size": 32}}  # own data
     for key, valid in choices.items():
         assert len(valid) >= 2, key
         with pytest.raises(ConfigError) as err:
             config_from_dict({key: "nope"})
         assert all(choice in str(err.value) for choice in valid), (key, str(err.value))
         for choice in valid:  # and each of them is accepted
-            assert getattr(config_from_dict({key: choice}), key) == choice
+            assert getattr(config_from_dict({key: choice, **needs.get(choice, {})}), key) == choice
 
 
 GOOD_VALUES = [
@@ -250,6 +254,7 @@ GOOD_VALUES = [
     ("device", "auto"), ("device", "cpu"), ("device", "cuda"), ("device", "cuda:1"), ("device", "mps"),
     ("name", "run.v2_a-b"), ("name", "A"), ("name", "a" * 100), ("name", "x..y"),
     ("out_dir", "/tmp/runs"), ("data_root", "../data"), ("sync_bn", True), ("scale_lr", False),
+    ("flip", False), ("data_path", None), ("test_path", None), ("image_size", None),
 ]  # fmt: skip
 # values that are valid after conversion: (key, value, what the config holds)
 CONVERTED = [("lr", "1e-3", 0.001), ("lr", 1, 1.0), ("epochs", "7", 7), ("name", 2024, "2024"), ("crop_scale", 1, 1.0)]
@@ -290,6 +295,34 @@ def test_train_subset_smaller_than_a_batch_fails():
     assert config_from_dict({"train_subset": 128, "batch_size": 128}).train_subset == 128
     with pytest.raises(ConfigError, match="train_subset"):  # the shipped quick config trains batches of 256
         load_config("fashion_mnist_quick", ["train_subset=255"])
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        ({"dataset": "npz"}, ["'data_path' must be set", "'npz'", ".npz file"]),
+        ({"dataset": "folder", "image_size": 32}, ["'data_path' must be set", "'folder'"]),
+        ({"dataset": "folder", "data_path": "images"}, ["'image_size' must be set", "'folder'", "resized"]),
+        ({"dataset": "npz", "data_path": "images.npy"}, ["'data_path' must be a .npz file", "dataset: folder"]),
+        ({"dataset": "npz", "data_path": "a.npz", "test_path": "b"}, ["'test_path' must be a .npz file"]),
+        ({"dataset": "cifar10", "data_path": "a.npz"}, ["'data_path' is used only by dataset npz or folder"]),
+        ({"dataset": "fashion_mnist", "image_size": 32}, ["'image_size' is used only", "'fashion_mnist'"]),
+        ({"dataset": "imagenet", "test_path": "val"}, ["'test_path' is used only", "set dataset to npz or folder"]),
+    ],
+)
+def test_own_data_keys_go_together(values, words):
+    """dataset npz / folder need data_path (a .npz file for npz; a folder needs image_size); no other dataset reads
+    them, so setting them there is refused rather than ignored. One line, before any data is read."""
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(values)
+    assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_own_data_configs_load():
+    config = load_config("fashion_mnist_quick", ["dataset=npz", "data_path=mine.npz", "test_path=test.npz"])
+    assert (config.data_path, config.test_path, config.image_size, config.flip) == ("mine.npz", "test.npz", None, True)
+    config = load_config("fashion_mnist_quick", ["dataset=folder", "data_path=photos", "image_size=64", "flip=false"])
+    assert (config.data_path, config.test_path, config.image_size, config.flip) == ("photos", None, 64, False)
 
 
 def test_validate_config_checks_a_replaced_config():

@@ -371,6 +371,16 @@ def test_crop_scale_reaches_the_per_image_transform(tiny_cifar10_config, tiny_im
     assert _find_crop(folder.transform).scale == (0.35, 1.0)
 
 
+def test_flip_false_leaves_out_the_flip(tiny_cifar10_config):
+    def flips(transform) -> bool:
+        return any(isinstance(t, T.RandomHorizontalFlip) for t in transform.transforms)
+
+    assert flips(paper_train_transform(32, (0.5,), (0.5,)))
+    assert not flips(paper_train_transform(32, (0.5,), (0.5,), flip=False))
+    cifar = build_data(tiny_cifar10_config(flip=False)).train_loader.dataset.dataset.dataset
+    assert not flips(cifar.transform)
+
+
 # ------------------------------------------------------------------------------------------------
 # Subsets: index = position = bank row; ImageNet's are stratified
 # ------------------------------------------------------------------------------------------------

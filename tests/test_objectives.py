@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,6 +188,165 @@ def test_nce_gradient_does_not_flow_through_z_or_bank():
     ref.backward()
     torch.testing.assert_close(f.grad.double(), fd.grad, rtol=1e-4, atol=1e-6)
     assert not bank.memory.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# NCE against the official code (benchmarks/objectives.py's re-implementation); how it scores its noise
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def official():
+    """``benchmarks/objectives.py`` as a module (its :class:`OfficialNCE` is the reference the benchmark times)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "objectives.py"
+    spec = importlib.util.spec_from_file_location("benchmark_objectives", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("scoring", ["dense", "gather"])
+def test_nce_gives_the_official_loss_and_gradient_on_the_same_indices(official, scoring):
+    n, d, m, tau, batch = 3000, 32, 256, 0.07, 16
+    bank = make_bank(n, d, seed=30)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(31))[:batch]
+    feats = features_near(bank, idx, noise=0.5, seed=32)
+    reference = official.OfficialNCE(bank, m, tau, eps=0.0)
+    torch.manual_seed(33)
+    draw = reference.sample(idx)  # (B, m + 1) alias draws, the positive in slot 0
+    assert draw.shape == (batch, m + 1) and torch.equal(draw[:, 0], idx) and 0 <= draw.min() and draw.max() < n
+    f_ref = feats.clone().requires_grad_()
+    loss_ref = reference(f_ref, idx, draw)
+    loss_ref.backward()
+    # the official Z: n x the mean of exp(score / tau) over all m + 1 columns of the first batch, the positive too
+    scores = torch.einsum("bkd,bd->bk", bank.memory.double()[draw], feats.double()) / tau
+    assert reference.z == pytest.approx(n * scores.exp().mean().item(), rel=1e-5)
+
+    ours = NCE(bank, num_negatives=m, temperature=tau, z_mode="fixed", scoring=scoring)
+    ours.z.fill_(reference.z)  # the same Z (ours would estimate it from the noise columns only)
+    f = feats.clone().requires_grad_()
+    loss = ours(f, idx, noise_indices=draw[:, 1:])
+    loss.backward()
+    assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-5)
+    assert relative_difference(f.grad, f_ref.grad) < 1e-5
+    assert ours.z.item() == reference.z  # fixed: the loss did not move it
+
+
+def test_official_eps_moves_the_loss_by_more_than_1e_5_at_the_papers_m_over_n(official):
+    """The official criterion adds eps = 1e-7 to both denominators of eq. 5; each of the m + 1 terms of an image then
+    moves by about eps / (P + m P_n), which at m/n = 4096/50000 is ~5e-4 of the loss: hence the comparison above is
+    against eps = 0 (eq. 6 exactly), and the official loss is that plus this first-order shift."""
+    n, d, m, tau, batch = 50_000, 16, 4096, 0.07, 4
+    bank = make_bank(n, d, seed=34, dtype=torch.float64)
+    idx = torch.tensor([3, 1000, 25_000, 49_999])
+    feats = features_near(bank, idx, noise=0.5, seed=35)
+    torch.manual_seed(36)
+    draw = official.OfficialNCE(bank, m, tau).sample(idx)
+    losses, outputs = {}, {}
+    for eps in (official.OFFICIAL_EPS, 0.0):
+        reference = official.OfficialNCE(bank, m, tau, eps=eps)
+        outputs[eps] = reference.layer(feats, idx, draw)
+        losses[eps] = reference.criterion(outputs[eps]).item()
+    shift = official.OFFICIAL_EPS * (1.0 / (outputs[0.0] + m / n)).sum().item() / batch
+    assert losses[official.OFFICIAL_EPS] - losses[0.0] == pytest.approx(shift, rel=1e-3)
+    assert shift / losses[0.0] > 1e-5
+
+
+def test_dense_and_gathered_scores_are_the_same_loss_and_gradient():
+    n, d, m, tau, batch = 500, 16, 40, 0.1, 6
+    bank = make_bank(n, d, seed=37)
+    idx = torch.tensor([0, 7, 99, 250, 499, 7])
+    noise = torch.randint(n, (batch, m), generator=torch.Generator().manual_seed(38))
+    grads, losses = {}, {}
+    for scoring in ("dense", "gather"):
+        nce = NCE(bank, num_negatives=m, temperature=tau, z_mode="running", scoring=scoring)
+        f = features_near(bank, idx, noise=0.4, seed=39).requires_grad_()
+        loss = nce(f, idx, noise_indices=noise)
+        loss.backward()
+        losses[scoring], grads[scoring] = loss.item(), f.grad
+    assert losses["dense"] == pytest.approx(losses["gather"], rel=1e-6)
+    assert relative_difference(grads["dense"], grads["gather"]) < 1e-6
+    # auto: dense while n <= DENSE_SCORES_MAX_RATIO x m (both cost ~B x rows scored; measured crossover)
+    ratio = nce_module.DENSE_SCORES_MAX_RATIO
+    assert NCE(make_bank(ratio * 10, 4), num_negatives=10).dense_scoring()
+    assert not NCE(make_bank(ratio * 10 + 1, 4), num_negatives=10).dense_scoring()
+    with pytest.raises(ValueError, match="scoring"):
+        NCE(bank, scoring="sparse")
+
+
+@pytest.mark.parametrize("embedding_bag", [True, False], ids=["embedding_bag", "scatter_matmul"])
+def test_weighted_row_sums_of_the_dense_backward(monkeypatch, embedding_bag):
+    if not embedding_bag:  # the path of devices without embedding_bag (Apple MPS), taken on the CPU
+        monkeypatch.setattr(nce_module, "EMBEDDING_BAG_DEVICES", ())
+    g = torch.Generator().manual_seed(44)
+    memory, rows = torch.randn(50, 6, generator=g), torch.randint(50, (4, 9), generator=g)
+    rows[0, :3] = 7  # repeats within a row are summed
+    weights = torch.randn(4, 9, generator=g)
+    expected = torch.einsum("bk,bkd->bd", weights, memory[rows])
+    torch.testing.assert_close(nce_module.weighted_row_sums(memory, rows, weights), expected)
+
+
+def test_dense_scoring_never_writes_the_bank_and_refuses_a_bank_written_before_the_backward():
+    bank = make_bank(300, 8, seed=40)
+    before = bank.memory.clone()
+    nce = NCE(bank, num_negatives=30, temperature=0.1, scoring="dense")
+    idx = torch.tensor([1, 2, 3])
+    f = features_near(bank, idx, noise=0.5, seed=41).requires_grad_()
+    nce(f, idx).backward()
+    assert torch.equal(bank.memory, before) and bank.memory.grad is None and not bank.memory.requires_grad
+    loss = nce(f, idx)
+    bank.update(idx, f.detach())  # too early: the backward would read rows that changed since the forward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_softplus_sum_is_exact_to_float_precision_with_torchs_gradient():
+    """The CPU path (:class:`_SoftplusSum`, no log1p) against exact values; softplus_sum takes it for large tensors."""
+    x = torch.cat([torch.linspace(-30, 30, 241), torch.tensor([-100.0, -87.0, 0.0, 1e-6, 40.0, 89.0, 1e4])])
+    xd = x.double()
+    exact = xd.clamp(min=0) + torch.log1p(torch.exp(-xd.abs()))  # F.softplus returns x itself above x = 20
+    fast = nce_module._SoftplusSum.apply
+    for dtype, rel in ((torch.float32, 3e-7), (torch.float64, 1e-15)):
+        tiny = torch.finfo(dtype).tiny  # sigmoid(-100) is a float32 denormal
+        for i in range(len(x)):  # term by term: the sum of one element is that element's softplus
+            if exact[i] > tiny:
+                value = fast(x[i : i + 1].to(dtype)).double()
+                assert abs(value - exact[i]) <= rel * exact[i], (x[i], value, exact[i])
+        xs = x.to(dtype, copy=True).requires_grad_()
+        total = fast(xs)
+        assert total.dim() == 0 and total.item() == pytest.approx(exact.sum().item(), rel=rel)
+        (2 * total).backward()
+        torch.testing.assert_close(xs.grad.double(), 2 * torch.sigmoid(xd), rtol=rel, atol=tiny)
+    big = torch.randn(64, 1024, dtype=torch.float64) * 5  # large enough for the fast path
+    assert nce_module.softplus_sum(big).item() == pytest.approx(F.softplus(big).sum().item(), rel=1e-12)
+
+
+def test_z_is_read_on_the_host_once_not_every_step(monkeypatch):
+    bank = make_bank(400, 8, seed=42)
+    idx = torch.tensor([5, 6, 7])
+    f = features_near(bank, idx, noise=0.5, seed=43)
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or item(t))
+    for z_mode in ("fixed", "running"):
+        nce = NCE(bank, num_negatives=20, z_mode=z_mode)
+        reads.clear()
+        for _ in range(5):
+            nce(f, idx)
+        assert len(reads) == 1  # the first step: "is Z estimated yet?"
+        # anything that writes Z from outside (a checkpoint, a reset) is seen: Z is read again, once
+        nce.load_state_dict({**nce.state_dict(), "z": torch.tensor(-1.0, dtype=torch.float64)})
+        reads.clear()
+        nce(f, idx)
+        nce(f, idx)
+        assert len(reads) == 1 and item(nce.z) > 0  # re-estimated from the batch
+        nce.z.fill_(-1.0)
+        nce(f, idx)
+        assert item(nce.z) > 0
 
 
 # ------------------------------------------------------------------------------------------------

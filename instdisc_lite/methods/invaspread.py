@@ -57,8 +57,11 @@ def invaspread_loss(features: torch.Tensor, augmented: torch.Tensor, temperature
     positive = F.cross_entropy(f_hat @ f.T / temperature, torch.arange(b, device=f.device), reduction="sum")
     # log_p[j, i] = log P(i | x_j): row j is x_j scored against every instance (the matrix is symmetric in (i, j))
     log_p = torch.log_softmax(f @ f.T / temperature, dim=1)
-    off_diagonal = ~torch.eye(b, dtype=torch.bool, device=f.device)
-    negative = -log1mexp(log_p[off_diagonal]).sum()
+    # the off-diagonal entries, row by row: row j's k-th is column k + (k >= j). An index gather rather than a boolean
+    # mask, whose data-dependent size would make a GPU wait for the host every step
+    cols = torch.arange(b - 1, device=f.device).expand(b, b - 1)
+    cols = cols + (cols >= torch.arange(b, device=f.device)[:, None])
+    negative = -log1mexp(log_p.gather(1, cols)).sum()
     return (positive + negative) / b
 
 

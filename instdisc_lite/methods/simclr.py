@@ -39,12 +39,15 @@ def nt_xent_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> to
     sim = z @ z.T / temperature  # (2B, 2B): cosine, since the rows are unit vectors
     partner = torch.arange(n, device=z.device).roll(b)  # view i's positive: i + B for the first half, i - B after
     positive = sim.gather(1, partner[:, None])  # (2B, 1)
-    rows = torch.arange(n, device=z.device)[:, None]
-    is_negative = torch.ones(n, n, dtype=torch.bool, device=z.device)
-    is_negative[rows, rows] = False  # k = i is excluded from the denominator
-    is_negative[rows, partner[:, None]] = False  # the positive is column 0, not a negative
-    negatives = sim[is_negative].view(n, n - 2)  # row-major: each row keeps its 2B - 2 entries in order
-    return torch.cat([positive, negatives], dim=1)
+    # Row i's negatives are the columns other than i (k = i is not in the denominator) and its partner (column 0),
+    # in order: the k-th is k, shifted past the smaller excluded column, then past the larger. An index gather, not
+    # a boolean mask, whose data-dependent size would make a GPU wait for the host every step.
+    rows = torch.arange(n, device=z.device)
+    low, high = torch.minimum(rows, partner)[:, None], torch.maximum(rows, partner)[:, None]
+    cols = torch.arange(n - 2, device=z.device).expand(n, n - 2)
+    cols = cols + (cols >= low)
+    cols = cols + (cols >= high)
+    return torch.cat([positive, sim.gather(1, cols)], dim=1)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
