@@ -932,7 +932,7 @@ def load_image_folder(config) -> tuple[OwnImages, OwnImages | None]:
 OWN_DATA = {"npz": load_npz, "folder": load_image_folder}
 
 
-def _encode_labels(train: np.ndarray, test: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+def encode_labels(train: np.ndarray, test: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Raw class values (integers or names) -> class indices ``0..K-1`` in sorted order of the values of both splits
     (a test class that never occurs in training gets an index too, and simply cannot be predicted)."""
     classes = np.unique(train if test is None else np.concatenate([train, test]))
@@ -953,7 +953,7 @@ def _own_bundle(config, train: OwnImages, test: OwnImages | None) -> DataBundle:
     train_labels = test_labels = None
     num_classes = 0  # unlabelled
     if train.labels is not None:
-        train_labels, test_labels, num_classes = _encode_labels(train.labels, None if test is None else test.labels)
+        train_labels, test_labels, num_classes = encode_labels(train.labels, None if test is None else test.labels)
     mean, std = channel_stats(train.images)
     return _in_memory_bundle(
         config, train.images, train_labels, None if test is None else test.images, test_labels, mean, std, num_classes
