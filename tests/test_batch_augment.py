@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_host_sync import host_reads  # noqa: F401 (the fixture that counts host reads)
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
@@ -232,3 +233,10 @@ def test_short_cifar10_run_with_augment_on_device(tiny_cifar10_config, tmp_path,
     run = train(config, final_eval=False)
     assert isinstance(run.data.train_augment, ColourBatchAugment)
     assert math.isfinite(run.metrics[-1]["loss"])
+
+
+def test_no_host_read_while_augmenting(host_reads):  # noqa: F811 (the fixture imported from test_host_sync)
+    # a GPU would wait on any read of a tensor on the host, or on an op whose output size depends on the data
+    augment = ColourBatchAugment(32, CIFAR10_MEAN, CIFAR10_STD)
+    augment(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8))
+    assert not host_reads, dict(host_reads)
