@@ -17,7 +17,7 @@ CUDA device the batch path is measured there as well (the per-image path is the 
 seconds other processes used during the run are recorded (``others_cpu_cores_during_run``): on a shared machine
 they, not the code, may set the figures.
 
-    python benchmarks/augment.py                 # ~1-2 min on 2 idle CPU cores
+    python benchmarks/augment.py                 # under a minute on 2 idle CPU cores
     python benchmarks/augment.py --images 10240 --repeats 5
 
 Writes ``results/augment_<cpu|cuda>.json`` (figures, raw times and provenance).
@@ -51,7 +51,7 @@ BATCH = 128
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=5120, help="images per timed epoch (a multiple of 128 is exact)")
+    p.add_argument("--images", type=int, default=2560, help="images per timed epoch (a multiple of 128 is exact)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the batch path (default: all CPUs)")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default results/augment_<device>.json)")
