@@ -240,3 +240,16 @@ def test_no_host_read_while_augmenting(host_reads):  # noqa: F811 (the fixture i
     augment = ColourBatchAugment(32, CIFAR10_MEAN, CIFAR10_STD)
     augment(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8))
     assert not host_reads, dict(host_reads)
+
+
+def test_cifar10_on_device_resumes_exactly(tiny_cifar10_config, tmp_path):
+    def config(name: str):
+        return tiny_cifar10_config(
+            augment_on_device=True, out_dir=str(tmp_path), name=name, epochs=2, knn_k=5, progress=False
+        )
+
+    straight = train(config("straight"), final_eval=False)
+    assert train(config("split"), final_eval=False, stop_after=1).epoch == 1
+    resumed = train(config("split"), resume=True, final_eval=False)  # the augmentation draws continue where they were
+    assert resumed.epoch == 2 and torch.equal(straight.bank.memory, resumed.bank.memory)
+    assert not torch.equal(straight.bank.memory, train(config("other"), {"seed": 1}, final_eval=False).bank.memory)
