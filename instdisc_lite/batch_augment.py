@@ -1,11 +1,11 @@
 """The paper's augmentation for colour images, drawn and applied a whole batch at a time on the training device.
 
-InstDisc (Wu et al. 2018, Sec. 4) trains on random resized crops (area 0.2-1 of the image, aspect ratio 3/4-4/3),
-colour jitter (brightness, contrast, saturation and hue, strength 0.4), random grayscale (p = 0.2) and horizontal
-flips, the torchvision transforms of :func:`instdisc_lite.data.paper_train_transform`. Applied per image with PIL in
-DataLoader workers they cost a GPU its speed on a machine with two CPU cores (Colab). :class:`ColourBatchAugment`
-draws the same parameters, with torchvision's sampling rules, for a batch ``(B, 3, H, W)`` and applies them with a
-handful of tensor operations on whatever device the batch is on:
+InstDisc (Wu et al. 2018) and its official code train on random resized crops (area 0.2-1 of the image, aspect
+ratio 3/4-4/3), colour jitter (brightness, contrast, saturation and hue, strength 0.4), random grayscale (p = 0.2)
+and horizontal flips: the torchvision transforms of :func:`instdisc_lite.data.paper_train_transform`. Applied per
+image with PIL in DataLoader workers they make a GPU wait on a machine with two CPU cores (Colab).
+:class:`ColourBatchAugment` draws the same parameters, by torchvision's sampling rules, for a batch ``(B, 3, H, W)``
+and applies them with a handful of tensor operations on whatever device the batch is on:
 
 * crop + resize (+ flip): two per-image interpolation matrices, ``rows (B, S, H)`` and ``cols (B, S, W)``, so the
   crop of every image is ``rows @ image @ cols^T``: torchvision's bilinear resize of the cropped tensor, antialiased
@@ -13,6 +13,9 @@ handful of tensor operations on whatever device the batch is on:
 * colour jitter: the four ops in a random order per image, each op at position ``k`` a blend whose factor is 1 (an
   exact identity) for the images that apply another op there, hue through RGB -> HSV -> RGB;
 * grayscale, then ``(x - mean) / std``.
+
+Every op equals torchvision's functional op on float tensors; the PIL path rounds to uint8 after each op and
+converts hue through uint8 HSV, so its pixels differ from these by a few levels of 255 for the same draws.
 
 Parameters are drawn by :meth:`ColourBatchAugment.sample` (from a ``torch.Generator`` when one is given, else from
 the device's global generator, which the trainer seeds and checkpoints) and applied by
