@@ -15,7 +15,8 @@ and applies them with a handful of tensor operations on whatever device the batc
 * grayscale, then ``(x - mean) / std``.
 
 Every op equals torchvision's functional op on float tensors; the PIL path rounds to uint8 after each op and
-converts hue through uint8 HSV, so its pixels differ from these by a few levels of 255 for the same draws.
+converts hue through uint8 HSV, so for the same draws its values differ from these (on smooth random 32x32 images:
+by 1.6 levels of 255 on average, 99 % of them by at most 7).
 
 Parameters are drawn by :meth:`ColourBatchAugment.sample` (from a ``torch.Generator`` when one is given, else from
 the device's global generator, which the trainer seeds and checkpoints) and applied by
