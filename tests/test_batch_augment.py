@@ -217,6 +217,9 @@ def test_cifar10_on_device_bundle_views_and_evaluation(tiny_cifar10_config, tiny
     # crop_flip (CMC's) keeps crops and flips only: no colour draws
     crop_flip = build_data(tiny_cifar10_config(augment_on_device=True, augment="crop_flip"))
     assert crop_flip.train_augment.sample(4, 32, 32).order is None
+    assert not build_data(tiny_cifar10_config(augment_on_device=True, flip=False)).train_augment.flip
+    plain = build_data(tiny_cifar10_config(augment_on_device=True, augment="none"))  # normalised only
+    torch.testing.assert_close(plain.train_augment(images), plain.eval_transform(images))
 
 
 @pytest.mark.parametrize("method", ["instdisc", "simclr"])  # one view and two views
