@@ -36,6 +36,7 @@ DATASETS = ("fashion_mnist", "cifar10", "imagenet", "npz", "folder")
 OWN_DATASETS = ("npz", "folder")  # your own images, read from data_path (and test_path)
 AUGMENTS = ("paper", "crop_flip", "none")
 BANK_INITS = ("random", "features")
+AUGMENT_ON_DEVICE = ("auto", True, False)
 MAX_NAME_LENGTH = 100
 # The seed feeds torch.Generator().manual_seed(seed * 100003 + epoch) and numpy-style seeding: keep it in 32 bits.
 MAX_SEED = 2**32 - 1
@@ -70,6 +71,9 @@ class TrainConfig:
     crop_scale: float = 0.2  # smallest RandomResizedCrop area fraction (paper: 0.2)
     flip: bool = True  # random horizontal flips (the paper's); false where a mirror is another thing (digits, text)
     num_workers: int = 2  # loader processes, at most the CPUs available
+    # cifar10: hold the images on the training device as one uint8 tensor and augment a batch at a time there
+    # (instdisc_lite.batch_augment) rather than per image in loader processes; auto = on when the device is CUDA
+    augment_on_device: bool | str = "auto"  # auto | true | false
     # encoder
     arch: str = "resnet18_cifar"  # small_cnn | small_cnn_fast | resnet18_cifar | resnet18 | resnet50
     low_dim: int = 128
@@ -294,6 +298,12 @@ def _device(key: str, value: Any) -> str:
     return text
 
 
+def _auto_or_bool(key: str, value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise _fail(key, "one of auto, true, false", value)
+
+
 def _milestones(key: str, value: Any) -> list[float]:
     expected = "a list of strictly ascending numbers in (0, 1] (fractions of the epochs)"
     if value is None:
@@ -353,6 +363,7 @@ _RULES: dict[str, Check] = {
     "crop_scale": _real(0, 1, low_open=True),
     "flip": _boolean,
     "num_workers": _COUNT,
+    "augment_on_device": _auto_or_bool,
     "arch": _choice(_architectures),
     "low_dim": _POSITIVE_INT,
     "objective": _choice(_objectives),
@@ -412,7 +423,24 @@ def validate_config(config: TrainConfig) -> TrainConfig:
             "step (incomplete batches are dropped); lower batch_size or raise train_subset"
         )
     _check_own_data(values)
+    _check_augment_on_device(values)
     return dataclasses.replace(config, **values)
+
+
+def _check_augment_on_device(values: dict[str, Any]) -> None:
+    """``augment_on_device`` chooses between two paths for CIFAR-10 only: ImageNet cannot be held in memory, and
+    Fashion-MNIST and your own images always are (and are always augmented a batch at a time)."""
+    dataset, choice = values["dataset"], values["augment_on_device"]
+    if dataset == "imagenet" and choice is True:
+        raise ConfigError(
+            "config key 'augment_on_device' is true, but dataset 'imagenet' is too large to hold on the device: "
+            "set it to auto or false (ImageNet is augmented per image in loader processes)"
+        )
+    if dataset in ("fashion_mnist", *OWN_DATASETS) and choice is False:
+        raise ConfigError(
+            f"config key 'augment_on_device' is false, but dataset {dataset!r} is always held in memory and augmented "
+            "a batch at a time on the device: set it to auto (the key chooses the path of cifar10 only)"
+        )
 
 
 def _check_own_data(values: dict[str, Any]) -> None:

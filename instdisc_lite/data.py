@@ -13,7 +13,9 @@
 Augmentation is the paper's (RandomResizedCrop scale 0.2-1, ColorJitter 0.4, RandomGrayscale 0.2,
 flip) for CIFAR/ImageNet, applied per image in DataLoader workers. Fashion-MNIST and your own images
 are held in one uint8 tensor; they are augmented a whole batch at a time on the training device
-(:class:`BatchAugment`), which is what makes a CPU run of a few minutes possible.
+(:class:`BatchAugment`), which is what makes a CPU run of a few minutes possible. CIFAR-10 can be held that way
+too, on the training device, with the paper's augmentation drawn per image but applied a batch at a time
+(:class:`~instdisc_lite.batch_augment.ColourBatchAugment`; config ``augment_on_device``, on by default on CUDA).
 
 Order and randomness (what makes a resumed or a multi-process run see the same data):
 
@@ -53,6 +55,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torchvision import transforms as T
 
 from . import distributed
+from .batch_augment import ColourBatchAugment
 from .config import DATASETS, ConfigError
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -969,15 +972,17 @@ def _in_memory_bundle(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     num_classes: int,
+    augment: nn.Module | None = None,
 ) -> DataBundle:
     """The bundle of a dataset held in memory: uint8 ``train`` and ``test`` images ``(N, H, W)`` or ``(N, C, H, W)``
     with labels ``(N,)`` (None: unlabelled; ``test`` None: no test set), batches sliced from the tensors
-    (:class:`TensorBatchLoader`) and augmented on the training device (:class:`BatchAugment`)."""
+    (:class:`TensorBatchLoader`) and augmented on the training device by ``augment`` (default :class:`BatchAugment`
+    as ``config`` asks; with ``augment: none`` only normalised)."""
     check_batch_fits(config.batch_size, distributed.world_size(), len(train))
     targets = train_labels if train_labels is not None else torch.full((len(train),), UNLABELLED)
     if config.augment == "none":
-        augment: nn.Module = Normalize(mean, std)
-    else:
+        augment = Normalize(mean, std)
+    elif augment is None:
         jitter = 0.0 if config.augment == "crop_flip" else 0.4  # crop_flip: no brightness/contrast jitter
         augment = BatchAugment(mean, std, scale=(config.crop_scale, 1.0), flip=config.flip, jitter=jitter)
     test_loader = None
@@ -1052,9 +1057,9 @@ class DataBundle:
     def views(self, images: torch.Tensor, num_views: int = 1) -> list[torch.Tensor]:
         """``num_views`` independently augmented views ``(B, C, H, W)`` of a training batch, on its device.
 
-        In-memory data (Fashion-MNIST, your own images) arrives raw, ``(B, C, H, W)``, and is augmented here once per
-        view; loader data (CIFAR-10, ImageNet) arrives augmented, ``(B, C, H, W)`` for one view or ``(B, V, C, H, W)``
-        from :class:`MultiView`, and is split into its views.
+        In-memory data (Fashion-MNIST, your own images, CIFAR-10 held on the device) arrives raw, ``(B, C, H, W)``,
+        and is augmented here once per view; loader data (CIFAR-10 otherwise, ImageNet) arrives augmented,
+        ``(B, C, H, W)`` for one view or ``(B, V, C, H, W)`` from :class:`MultiView`, and is split into its views.
         """
         if images.dim() == 5:
             if images.shape[1] != num_views:
@@ -1127,6 +1132,31 @@ def _imagenet_subset(targets: list[int], size: int | None) -> list[int]:
     return stratified_subset(targets, size)
 
 
+def augments_on_device(config, device: torch.device | str) -> bool:
+    """Whether CIFAR-10 is held on ``device`` and augmented there a batch at a time: config ``augment_on_device``
+    (``auto``: on a CUDA device; on a CPU the per-image loader path, which uses the other cores, stays)."""
+    choice = config.augment_on_device
+    return torch.device(device).type == "cuda" if choice == "auto" else bool(choice)
+
+
+def _cifar10_on_device(config, device: torch.device | str) -> DataBundle:
+    """CIFAR-10 as uint8 tensors ``(N, 3, 32, 32)`` on ``device`` (50,000 images: 150 MB), the first
+    ``train_subset`` / ``eval_subset`` of each split, augmented by :class:`ColourBatchAugment` (the paper's
+    transforms, as :func:`paper_train_transform`) and evaluated on the un-augmented normalised images."""
+    train = CIFAR10Instance(config.data_root, train=True)
+    test = CIFAR10Instance(config.data_root, train=False)
+    n, n_test = _first(config.train_subset, len(train)), _first(config.eval_subset, len(test))
+
+    def held(images: np.ndarray, keep: int) -> torch.Tensor:  # (N, 32, 32, 3) uint8 -> (keep, 3, 32, 32) on device
+        return torch.from_numpy(images[:keep]).permute(0, 3, 1, 2).contiguous().to(device)
+
+    scale, colour = (config.crop_scale, 1.0), config.augment == "paper"
+    augment = ColourBatchAugment(32, CIFAR10_MEAN, CIFAR10_STD, scale, flip=config.flip, colour=colour)
+    train_labels, test_labels = torch.as_tensor(train.targets[:n]), torch.as_tensor(test.targets[:n_test])
+    return _in_memory_bundle(config, held(train.data, n), train_labels, held(test.data, n_test), test_labels,
+                             CIFAR10_MEAN, CIFAR10_STD, num_classes=10, augment=augment)  # fmt: skip
+
+
 def build_data(config, device: torch.device | str = "cpu", num_views: int = 1) -> DataBundle:
     """Datasets, loaders and augmentation for ``config`` (a :class:`~instdisc_lite.config.TrainConfig`).
 
@@ -1149,6 +1179,8 @@ def build_data(config, device: torch.device | str = "cpu", num_views: int = 1) -
         # the first N: the benchmarks rely on that
         return _in_memory_bundle(config, train.data[:n], train.targets[:n], test.data[:n_test], test.targets[:n_test],
                                  FASHION_MNIST_MEAN, FASHION_MNIST_STD, num_classes=10)  # fmt: skip
+    if config.dataset == "cifar10" and augments_on_device(config, device):
+        return _cifar10_on_device(config, device)
     if config.dataset == "cifar10":
         mean, std, size = CIFAR10_MEAN, CIFAR10_STD, 32
         eval_tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])

@@ -26,12 +26,12 @@ try:
 except ImportError:  # Windows: no advisory locks; runs are then not protected against a concurrent twin
     fcntl = None  # type: ignore[assignment]
 
-# Keys a resumed run may change: how it runs (device, loaders, compilation, logging, where the data lies) and how it
-# is evaluated (test_path: the test set). ``epochs`` is allowed too, when the lr schedule of the epochs already trained
-# stays the same.
+# Keys a resumed run may change: how it runs (device, loaders, compilation, logging, where the data lies, where CIFAR-10
+# is augmented: the same transforms either way) and how it is evaluated (test_path: the test set). ``epochs`` is
+# allowed too, when the lr schedule of the epochs already trained stays the same.
 RESUMABLE_CHANGES = frozenset({
     "device", "num_workers", "progress", "compile", "amp", "channels_last", "data_root", "data_path", "test_path",
-    "out_dir",
+    "out_dir", "augment_on_device",
     "eval_every", "eval_subset", "knn_k", "knn_temperature", "checkpoint_every", "sync_bn", "log_step_loss",
 })  # fmt: skip
 
