@@ -18,12 +18,16 @@ Measures, in one run on the CPU (prints figures; not a test):
   method's training step, and from them ESTIMATES of GPU run times (``results/runtime_estimates.json``).
 
 Time: the median of at least ``--repeats`` steps after one warm-up (cheap points get more, within about a
-second). Memory, two figures per point, both in bytes: ``analytic`` (the tensors the case must hold, from their
+second), as CPU time of the process (``time.process_time``) on one torch thread (``--threads 1``), with the wall
+time beside it: on a machine shared with other jobs the wall time counts their turns too, the CPU time does not.
+
+Memory, two figures per point, both in bytes: ``analytic`` (the tensors the case must hold, from their
 shapes) and ``peak_rss_delta`` (measured: the process's peak resident set size while the case runs, minus its
 resident size just before; the peak is reset before every point by writing 5 to ``/proc/self/clear_refs``, so it
 is Linux only and ``None`` elsewhere). RSS counts what torch's CPU allocator holds from the OS, temporaries
-included; ``tracemalloc`` would see none of it. A freed block that the allocator keeps is not counted again, so
-RSS deltas are lower bounds, and the analytic figure is the one to scale.
+included; ``tracemalloc`` would see none of it. glibc is told to return freed blocks over 128 KiB to the OS
+(``mallopt``), else a point would reuse what the previous one freed and show no rise; what it still keeps makes
+the RSS deltas lower bounds.
 
 A point whose predicted step time (the previous point's, scaled by the linear work model of the case) exceeds
 ``--max-step-s``, or whose analytic memory exceeds ``--max-gib``, is not run: it is recorded as skipped, with
@@ -38,6 +42,7 @@ Writes ``results/scaling_cpu.json`` and (part ``flops``) ``results/runtime_estim
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -101,6 +106,17 @@ def _status_kib(key: str) -> int | None:
     return None
 
 
+def return_freed_memory() -> bool:
+    """Makes glibc's malloc hand blocks over 128 KiB back to the OS when they are freed (fixed mmap and trim
+    thresholds), so each point's RSS rises by what it allocates instead of reusing what earlier points freed.
+    False where that is not possible (not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 128 * 1024) and libc.mallopt(-1, 128 * 1024))  # M_MMAP_ and M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def reset_peak_rss() -> int | None:
     """Resets the kernel's peak-RSS mark of this process; returns the resident set size now (bytes), or None."""
     try:
@@ -132,7 +148,8 @@ class Point:
     batch: int
     analytic_bytes: int
     scoring: str
-    times_ms: list[float] = field(default_factory=list)
+    times_ms: list[float] = field(default_factory=list)  # CPU time of the process (one thread: compute time)
+    wall_ms: list[float] = field(default_factory=list)
     peak_rss_delta: int | None = None
     skipped: str | None = None
 
@@ -147,7 +164,8 @@ class Point:
         out = {k: getattr(self, k) for k in ("objective", "n", "m", "d", "batch", "scoring", "analytic_bytes")}
         if self.skipped:
             return out | {"skipped": self.skipped}
-        return out | {"median_ms": statistics.median(self.times_ms), "times_ms": self.times_ms,
+        return out | {"median_cpu_ms": statistics.median(self.times_ms), "cpu_ms": self.times_ms,
+                      "median_wall_ms": statistics.median(self.wall_ms), "wall_ms": self.wall_ms,
                       "peak_rss_delta_bytes": self.peak_rss_delta}  # fmt: skip
 
 
@@ -176,11 +194,12 @@ def run_point(points: list[Point], bank: MemoryBank, repeats: int, seed: int) ->
     feats = F.normalize(torch.randn(batch, d, generator=gen), dim=1).requires_grad_()
     objs = [build_objective(p.objective, bank, p.m) for p in points]
 
-    def step(obj: torch.nn.Module) -> float:
+    def step(obj: torch.nn.Module) -> tuple[float, float]:
+        """(CPU seconds, wall seconds) of one loss forward + backward."""
         feats.grad = None
-        start = time.perf_counter()
+        cpu, wall = time.process_time(), time.perf_counter()
         obj(feats, idx).backward()
-        return time.perf_counter() - start
+        return time.process_time() - cpu, time.perf_counter() - wall
 
     for obj in objs:
         step(obj)  # warm-up; NCE sets its Z
@@ -189,7 +208,9 @@ def run_point(points: list[Point], bank: MemoryBank, repeats: int, seed: int) ->
     # milliseconds is not one scheduler hiccup on a shared machine
     while rounds < repeats or (rounds < MAX_ROUNDS and time.perf_counter() - start < MIN_POINT_S):
         for p, obj in zip(points, objs, strict=True):
-            p.times_ms.append(1e3 * step(obj))
+            cpu, wall = step(obj)
+            p.times_ms.append(1e3 * cpu)
+            p.wall_ms.append(1e3 * wall)
         rounds += 1
     for p, obj in zip(points, objs, strict=True):
         gc.collect()
@@ -237,7 +258,8 @@ def measure_objectives(args: argparse.Namespace) -> dict:
             for p in todo:
                 last[(sweep, p.objective, p.scoring)] = p
         for p in [q for q in results if (q.sweep, q.n, q.m, q.d) == (sweep, n, m, d)]:
-            shown = p.skipped or (f"{statistics.median(p.times_ms):9.1f} ms, analytic {p.analytic_bytes / 2**20:8.1f} "
+            cpu_ms = statistics.median(p.times_ms) if p.times_ms else 0.0
+            shown = p.skipped or (f"{cpu_ms:9.1f} ms CPU, analytic {p.analytic_bytes / 2**20:8.1f} "
                                   f"MiB, peak RSS +{(p.peak_rss_delta or 0) / 2**20:8.1f} MiB")  # fmt: skip
             print(f"  {sweep}: n={n:>9,} m={m:>6,} d={d:>3} {p.objective:14s} {p.scoring:7s} {shown}", flush=True)
     return {
@@ -264,7 +286,7 @@ def measure_knn(args: argparse.Namespace) -> dict:
         analytic = 2 * bank_bytes + scores_bytes  # the bank, its normalised copy, one chunk of scores
         formula = "2 n d 4 (bank, normalised copy) + 256 min(n, 262144) 4 (a chunk of scores)"
         row = {"n": n, "d": d, "queries": q, "k": k, "analytic_bytes": analytic, "analytic_formula": formula}
-        predicted = None if last is None else last["seconds"] * n / last["n"]
+        predicted = None if last is None else last["cpu_seconds"] * n / last["n"]
         if analytic > args.max_gib * 2**30:
             rows.append(row | {"skipped": f"analytic memory {analytic / 2**30:.1f} GiB > --max-gib {args.max_gib:g}"})
             continue
@@ -275,19 +297,16 @@ def measure_knn(args: argparse.Namespace) -> dict:
         labels = torch.randint(1000, (n,), generator=gen)
         gc.collect()
         start_rss = reset_peak_rss()
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         weighted_knn(bank, labels, queries, query_labels, k=k, num_classes=1000)
-        seconds = time.perf_counter() - start
-        row |= {
-            "seconds": seconds,
-            "ms_per_query": 1e3 * seconds / q,
-            "peak_rss_delta_bytes": peak_rss_since(start_rss),
-        }
+        seconds, wall = time.process_time() - cpu, time.perf_counter() - start
+        row |= {"cpu_seconds": seconds, "wall_seconds": wall, "cpu_ms_per_query": 1e3 * seconds / q,
+                "peak_rss_delta_bytes": peak_rss_since(start_rss)}  # fmt: skip
         rows.append(row)
         last = row
         del bank, labels
         print(
-            f"  kNN: n={n:>9,} x {d}, {q:,} queries: {seconds:6.1f} s, analytic {analytic / 2**20:7.1f} MiB, "
+            f"  kNN: n={n:>9,} x {d}, {q:,} queries: {seconds:6.1f} s CPU, analytic {analytic / 2**20:7.1f} MiB, "
             f"peak RSS +{(row['peak_rss_delta_bytes'] or 0) / 2**20:7.1f} MiB",
             flush=True,
         )
@@ -309,16 +328,27 @@ def measure_steps(args: argparse.Namespace) -> dict:
         device = torch.device("cpu")
         sync = objectives.make_sync(device)
         cases = objectives.step_cases(oargs, device, sync)
-        objectives.measure(cases, 1, args.step_repeats, sync)
+        for case in cases:  # warm-up
+            case.step()
+        for _ in range(args.step_repeats):  # interleaved rounds, as objectives.measure, also recording CPU time
+            for case in cases:
+                cpu = time.process_time()
+                phases = case.step()
+                case.samples.append(phases | {"cpu_total": time.process_time() - cpu})
         objectives.report_steps(cases, oargs)
-        base = cases[0].median("total")
+        base, wall_base = cases[0].median("cpu_total"), cases[0].median("total")
+        print("  on CPU time: " + ", ".join(f"{c.key} {c.median('cpu_total') / base:.3f}x" for c in cases))
         out[f"{arch}_b{batch}"] = {
             "arch": arch, "batch": int(batch), "image": [oargs.in_channels, oargs.image_size, oargs.image_size],
             "n": oargs.n, "m": oargs.negatives, "baseline": "supervised",
-            "cases": {c.key: c.summary() | {"ratio_vs_supervised": c.median("total") / base} for c in cases},
+            "cases": {c.key: c.summary() | {"ratio_vs_supervised": c.median("cpu_total") / base,
+                                            "wall_ratio_vs_supervised": c.median("total") / wall_base}
+                      for c in cases},
         }  # fmt: skip
     return {"what": "benchmarks/objectives.py step_cases: encoder fwd + loss + backward + SGD step (+ bank update) "
-                    "on random images vs the same encoder with a linear classifier and cross-entropy",
+                    "on random images vs the same encoder with a linear classifier and cross-entropy; "
+                    "ratio_vs_supervised: medians of CPU time (cpu_total_ms), wall_ratio_vs_supervised: of wall "
+                    "time (total_ms)",
             "goal_ratio": 1.10, "runs": out}  # fmt: skip
 
 
@@ -650,6 +680,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="arch:batch of the whole-step comparison (default small_cnn:256 resnet18_cifar:16)",
     )
     p.add_argument("--step-repeats", type=int, default=5, help="timed whole steps per case (default 5)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time = compute time)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=ROOT / "results" / "scaling_cpu.json")
     p.add_argument("--estimates", type=Path, default=ROOT / "results" / "runtime_estimates.json")
@@ -670,6 +701,8 @@ def write_json(path: Path, data: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    fixed_malloc = return_freed_memory()
     prov = provenance(sys.argv if argv is None else ["benchmarks/scaling.py", *argv]) | {"device": "cpu"}
     print(f"instdisc_lite scaling benchmark | {prov['cpu_model']}, {prov['cpu_count']} cores, "
           f"{prov['torch_threads']} threads | torch {torch.__version__} | parts {' '.join(args.parts)}")  # fmt: skip
@@ -702,7 +735,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {chapter:26s} full {v['full_t4_s_estimate'] / 3600:7.2f} h, paper "
                   f"{v['paper_t4_s_estimate'] / 3600:7.2f} h  (T4 ESTIMATE)")  # fmt: skip
     load = monitor.report()
-    result.update(provenance=prov, memory=memory_note, parts_seconds=parts_time, load=load,
+    result.update(provenance=prov, memory=memory_note, malloc_returns_freed_blocks=fixed_malloc,
+                  parts_seconds=parts_time, load=load,
                   measured_under_load=(load.get("others_cpu_cores") or 0) > 0.25,
                   config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})  # fmt: skip
     print(f"\nwall {load['wall_s']} s; other processes kept {load.get('others_cpu_cores')} cores busy on average")
