@@ -176,7 +176,7 @@ def analytic_bytes(objective: str, n: int, m: int, d: int, batch: int, scoring: 
     if objective == "nce_shared":
         return m * d * F32 + 3 * batch * (m + 1) * F32  # the (m, d) gathered rows; scores, terms, gradient
     if scoring == "dense":
-        return 2 * batch * n * F32 + 3 * batch * (m + 1) * F32  # all B x n scores (and their gradient), picked
+        return batch * n * F32 + 3 * batch * (m + 1) * F32  # all B x n scores, picked (backward: embedding_bag)
     return batch * m * d * F32 + 3 * batch * (m + 1) * F32  # the B x m x d gathered rows
 
 
@@ -257,7 +257,7 @@ def measure_objectives(args: argparse.Namespace) -> dict:
             results += todo
             for p in todo:
                 last[(sweep, p.objective, p.scoring)] = p
-        for p in [q for q in results if (q.sweep, q.n, q.m, q.d) == (sweep, n, m, d)]:
+        for p in [q for q in results if (q.sweep, q.n, q.m, q.d) == (sweep, n, m, d) and q.objective in names]:
             cpu_ms = statistics.median(p.times_ms) if p.times_ms else 0.0
             shown = p.skipped or (f"{cpu_ms:9.1f} ms CPU, analytic {p.analytic_bytes / 2**20:8.1f} "
                                   f"MiB, peak RSS +{(p.peak_rss_delta or 0) / 2**20:8.1f} MiB")  # fmt: skip
@@ -708,7 +708,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{prov['torch_threads']} threads | torch {torch.__version__} | parts {' '.join(args.parts)}")  # fmt: skip
     torch.manual_seed(args.seed)
     old = json.loads(args.output.read_text()) if args.output.exists() else {}
-    result: dict = {k: v for k, v in old.items() if k in ("objectives", "knn", "steps", "flops")}  # parts not rerun
+    kept = [k for k in ("objectives", "knn", "steps", "flops") if k in old and k not in args.parts]
+    result: dict = {k: old[k] for k in kept}  # the parts not rerun stay, with the record of the runs that made them
+    invocations = [i for i in old.get("invocations", []) if set(i["parts"]) & set(kept)] if kept else []
     parts_time: dict[str, float] = {}
     monitor = objectives.LoadMonitor()
     memory_note = ("analytic_bytes: tensors the case must hold, from their shapes (the bank itself excluded for the "
@@ -735,8 +737,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {chapter:26s} full {v['full_t4_s_estimate'] / 3600:7.2f} h, paper "
                   f"{v['paper_t4_s_estimate'] / 3600:7.2f} h  (T4 ESTIMATE)")  # fmt: skip
     load = monitor.report()
+    invocations.append({"date": prov["date"], "git_commit": prov["git_commit"], "parts": list(parts_time),
+                        "parts_seconds": parts_time, "load": load})  # fmt: skip
     result.update(provenance=prov, memory=memory_note, malloc_returns_freed_blocks=fixed_malloc,
-                  parts_seconds=parts_time, load=load,
+                  parts_seconds=parts_time, load=load, invocations=invocations,
                   measured_under_load=(load.get("others_cpu_cores") or 0) > 0.25,
                   config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})  # fmt: skip
     print(f"\nwall {load['wall_s']} s; other processes kept {load.get('others_cpu_cores')} cores busy on average")
