@@ -525,12 +525,14 @@ CHAPTERS: dict[str, list[ChapterRun]] = {
     ],  # fmt: skip
     "11_imagenet": [],
     "12_reproducing": [],
+    "13_performance": [],
 }
 NOT_TRAINING = {
     "00_preface": "no training",
     "07_infonce": "no training (scores of fixed features)",
     "11_imagenet": "no training in full mode (times the objectives; the ImageNet smoke step runs in quick mode only)",
     "12_reproducing": "no training (reads the studies' results)",
+    "13_performance": "no training (reads the benchmarks' results)",
 }
 
 

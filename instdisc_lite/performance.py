@@ -4,11 +4,11 @@ Nothing here times a GPU. :func:`flops_per_image` counts the floating-point oper
 backward) pass with :class:`torch.utils.flop_counter.FlopCounterMode`, which adds up the matrix products and
 convolutions torch dispatches (2 FLOPs per multiply-add; element-wise ops, normalisation and the optimiser step are
 not counted). :func:`estimate_seconds` divides a FLOP count by a sustained throughput, an *assumption* that
-:class:`Throughput` carries with its source, so every estimate says what it rests on.
+:class:`Throughput` carries with its source, so every estimate says what it rests on::
 
-    >>> from instdisc_lite.models import build_encoder
-    >>> f = flops_per_image(build_encoder("resnet18_cifar"), (3, 32, 32))   # forward + backward, ~3.3e9
-    >>> estimate_seconds(f * 50_000, T4_ASSUMED)                             # one CIFAR-10 epoch, seconds
+    from instdisc_lite.models import build_encoder
+    f = flops_per_image(build_encoder("resnet18_cifar"), (3, 32, 32))   # forward + backward, ~3.3e9
+    estimate_seconds(f * 50_000, T4_ASSUMED)                             # one CIFAR-10 epoch, seconds (ESTIMATE)
 """
 
 from __future__ import annotations

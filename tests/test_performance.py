@@ -59,3 +59,21 @@ def test_estimate_seconds_divides_by_the_throughput():
         estimate_seconds(-1.0, 1.0)
     with pytest.raises(ValueError, match="input_shape"):
         flops_per_image(nn.Linear(2, 2), (0,))
+
+
+def test_runtime_estimates_cover_every_chapter_and_say_they_are_estimates():
+    """results/runtime_estimates.json (benchmarks/scaling.py --parts flops): the schema the book reads."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "results" / "runtime_estimates.json").read_text())
+    assert "ESTIMATE" in data and data["assumption"]["flops_per_s"] > 0 and data["provenance"]["git_commit"]
+    chapters = sorted(p.stem for p in (root / "book").glob("[0-9][0-9]_*.ipynb"))
+    assert sorted(data["chapters"]) == chapters, "rerun `python benchmarks/scaling.py --parts flops`"
+    for name, est in data["chapters"].items():
+        full, paper = est["full_t4_s_estimate"], est["paper_t4_s_estimate"]
+        assert 0 <= full <= paper, f"{name}: the paper's 200 epochs never take less than full mode"
+        runs = data["details"][name]["runs"]
+        assert (full == 0) == (not runs), f"{name}: zero exactly when the chapter runs no network"
+        assert all(r["evidence_found"] for r in runs), f"{name}: its notebook no longer sets up the runs counted"
