@@ -141,7 +141,8 @@ def build_run(config: TrainConfig, device: torch.device | None = None, init_bank
         raise ConfigError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
     torch.manual_seed(config.seed)
     data = build_data(config, device, num_views=METHODS[config.method].num_views)
-    method = build_method(config, data.num_train, data.in_channels)
+    normalisation = (data.mean, data.std) if data.mean else None
+    method = build_method(config, data.num_train, data.in_channels, normalisation)
     if distributed.is_distributed() and config.sync_bn:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)  # same state-dict keys as BatchNorm
     method = method.to(device)

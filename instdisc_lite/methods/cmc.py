@@ -93,15 +93,22 @@ class CMC(Method):
     loss = "NCE across views"
     # one augmented crop per step: CMC's views are channel groups (L / ab) or bands of that same crop
     num_views = 1
+    uses_normalisation = True  # Lab needs the RGB values back: your own images come with their own mean/std
 
-    def __init__(self, config: TrainConfig, num_items: int, in_channels: int) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        num_items: int,
+        in_channels: int,
+        normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    ) -> None:
         super().__init__(config, num_items, in_channels)
         if config.objective not in CROSS_VIEW_OBJECTIVES:
             raise ConfigError(
                 f"method 'cmc' scores its views with {' or '.join(CROSS_VIEW_OBJECTIVES)}; got objective "
                 f"{config.objective!r}"
             )
-        split = build_view_split(config.dataset, in_channels)
+        split = build_view_split(config.dataset, in_channels, normalisation)
         c1, c2 = split.channels
         self.view_names = split.names
         # full width per view: build_encoder has no width knob (the paper halves each view's network)
