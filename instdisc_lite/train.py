@@ -5,7 +5,7 @@ One step, as the paper describes it::
     features = model(augment(images))            # (B, d), unit norm
     loss = objective(features, indices)          # NCE / softmax over the bank (+ proximal term)
     loss.backward(); optimizer.step()
-    bank.update(indices, features.detach())      # v_i <- normalise(m v_i + (1 - m) f_i)
+    bank.update(indices, features.detach())      # v_i <- normalise(mu v_i + (1 - mu) f_i)
 
 Everything else here is bookkeeping: building the pieces from a config, the learning-rate schedule,
 kNN monitoring on the bank, metrics, atomic checkpoints and exact resumption. The run directory's rules
