@@ -327,8 +327,9 @@ def _check_finite(losses: list[torch.Tensor], first_step: int, run: Run, bar: tq
 def train_one_epoch(run: Run, check_every: int | None = None) -> dict[str, float]:
     """One pass over the training set; returns the mean loss, the lr and the wall time.
 
-    No step reads a tensor on the host: the losses are checked for NaN/inf (and shown on the progress bar) every
-    ``check_every`` steps (default :data:`CHECK_EVERY`) and at the end of the epoch, in one read each.
+    No step reads a tensor on the host: the losses are checked for NaN/inf (and shown
+    on the progress bar) every ``check_every`` steps (default: ``CHECK_EVERY``) and at
+    the end of the epoch, in one read each. (The book prints this function: short lines.)
     """
     cfg, model, opt = run.config, run.model, run.optimizer
     check_every = check_every or CHECK_EVERY
@@ -341,7 +342,8 @@ def train_one_epoch(run: Run, check_every: int | None = None) -> dict[str, float
     if cfg.max_steps_per_epoch is not None:
         steps = min(steps, cfg.max_steps_per_epoch)
     total, count, start = torch.zeros((), device=run.device), 0, time.perf_counter()
-    step_losses: list[torch.Tensor] = []  # only with log_step_loss (kept on the device: no sync per step)
+    # only with log_step_loss (kept on the device: no sync per step)
+    step_losses: list[torch.Tensor] = []
     unchecked: list[torch.Tensor] = []  # the losses since the last check, on the device
     bar = tqdm(
         total=steps,
@@ -356,16 +358,19 @@ def train_one_epoch(run: Run, check_every: int | None = None) -> dict[str, float
         images = images.to(run.device, non_blocking=True)
         indices = indices.to(run.device, non_blocking=True)
         with torch.no_grad():
-            views = run.data.views(images, run.method.num_views)  # augmented on the device where it is cheap
+            # augmented on the device, where it is cheap
+            views = run.data.views(images, run.method.num_views)
         if run.device.type == "cuda" and cfg.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
-            loss = model(views, indices)  # the method's loss (InstDisc: encode, then NCE over the bank)
+            # the method's loss (InstDisc: encode, then NCE over the bank)
+            loss = model(views, indices)
         opt.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(opt)
         run.scaler.update()
-        run.method.after_step()  # the explicit no-grad step: InstDisc's bank update, MoCo's momentum + queue
+        # the explicit no-grad step: InstDisc's bank update, MoCo's momentum + queue
+        run.method.after_step()
         total += loss.detach()
         count += 1
         unchecked.append(loss.detach())
@@ -378,7 +383,8 @@ def train_one_epoch(run: Run, check_every: int | None = None) -> dict[str, float
     if unchecked:  # the end of the epoch: before anything of it is evaluated or saved
         _check_finite(unchecked, count - len(unchecked), run, bar)
     bar.close()
-    mean = distributed.all_reduce_mean(total / max(count, 1))  # the loss of the global batch
+    # the loss of the global batch
+    mean = distributed.all_reduce_mean(total / max(count, 1))
     stats = {"loss": mean.item(), "lr": lr, "time": time.perf_counter() - start}
     if step_losses:  # this process's loss at every step of the epoch, in order
         stats["step_loss"] = torch.stack(step_losses).float().cpu().tolist()

@@ -71,7 +71,8 @@ class InstDisc(Method):
         features = self.encoder(views[0])  # (B, d), unit norm
         self._step = (indices, features.detach())
         with full_precision(features):
-            return self.objective(features.float(), indices)  # NCE / softmax over the bank (+ proximal term)
+            # NCE / softmax over the bank (+ proximal term)
+            return self.objective(features.float(), indices)
 
     @torch.no_grad()
     def after_step(self) -> None:
