@@ -329,7 +329,7 @@ def train_one_epoch(run: Run, check_every: int | None = None) -> dict[str, float
 
     No step reads a tensor on the host: the losses are checked for NaN/inf (and shown
     on the progress bar) every ``check_every`` steps (default: ``CHECK_EVERY``) and at
-    the end of the epoch, in one read each. (The book prints this function: short lines.)
+    the end of the epoch, in one read each (short lines: the book prints this function).
     """
     cfg, model, opt = run.config, run.model, run.optimizer
     check_every = check_every or CHECK_EVERY
