@@ -70,14 +70,16 @@ TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "imagenet": 1_281_16
 
 
 def shortened(base: TrainConfig, images: int, **sizes: Any) -> dict[str, Any]:
-    """Overrides that train ``base`` on its first ``images`` training images, plus ``sizes`` (epochs, ...).
+    """Overrides that train ``base`` on its first ``images`` images, plus ``sizes``.
 
-    NCE's noise samples are cut in proportion, so the ratio m/n of noise samples to bank entries stays that of
-    ``base``: the posterior h = P(i|v) / (P(i|v) + m/n) of eq. (5) weighs model against noise through m/n.
+    NCE's noise samples are cut in proportion, so the ratio m/n of noise samples to bank
+    entries stays that of ``base``: the posterior h = P(i|v) / (P(i|v) + m/n) of eq. (5)
+    weighs model against noise through m/n. (Printed in the book: lines kept short.)
     """
     n_all = base.train_subset or TRAIN_IMAGES[base.dataset]
     n = min(n_all, images)
-    return {"train_subset": n, "num_negatives": max(1, round(base.num_negatives * n / n_all)), **sizes}
+    m = max(1, round(base.num_negatives * n / n_all))
+    return {"train_subset": n, "num_negatives": m, **sizes}
 
 
 def training_run_config(mode: BookMode, out_dir: str | Path) -> TrainConfig:

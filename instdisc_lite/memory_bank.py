@@ -20,7 +20,7 @@ class MemoryBank(nn.Module):
     Args:
         num_items: n, the number of training images (one row each).
         dim: d, the feature dimension (128 in the paper).
-        momentum: m in ``v_i <- normalise(m * v_i + (1 - m) * f_i)``; 0.5 in the official code.
+        momentum: mu in ``v_i <- normalise(mu * v_i + (1 - mu) * f_i)``; 0.5 in the official code.
             ``momentum=0`` replaces rows with the newest features.
         generator: optional RNG for the random initialisation (reproducible banks).
 
@@ -64,7 +64,7 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def update(self, idx: torch.Tensor, features: torch.Tensor) -> None:
-        """Momentum update ``v_i <- normalise(m * v_i + (1 - m) * f_i)`` for the rows ``idx``.
+        """Momentum update ``v_i <- normalise(mu * v_i + (1 - mu) * f_i)`` for the rows ``idx``.
 
         Args:
             idx: ``(B,)`` long tensor of dataset indices.

@@ -5,7 +5,7 @@ One step, as the paper describes it::
     features = model(augment(images))            # (B, d), unit norm
     loss = objective(features, indices)          # NCE / softmax over the bank (+ proximal term)
     loss.backward(); optimizer.step()
-    bank.update(indices, features.detach())      # v_i <- normalise(m v_i + (1 - m) f_i)
+    bank.update(indices, features.detach())      # v_i <- normalise(mu v_i + (1 - mu) f_i)
 
 Everything else here is bookkeeping: building the pieces from a config, the learning-rate schedule,
 kNN monitoring on the bank, metrics, atomic checkpoints and exact resumption. The run directory's rules
@@ -141,7 +141,8 @@ def build_run(config: TrainConfig, device: torch.device | None = None, init_bank
         raise ConfigError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
     torch.manual_seed(config.seed)
     data = build_data(config, device, num_views=METHODS[config.method].num_views)
-    method = build_method(config, data.num_train, data.in_channels)
+    normalisation = (data.mean, data.std) if data.mean else None
+    method = build_method(config, data.num_train, data.in_channels, normalisation)
     if distributed.is_distributed() and config.sync_bn:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)  # same state-dict keys as BatchNorm
     method = method.to(device)
@@ -326,8 +327,9 @@ def _check_finite(losses: list[torch.Tensor], first_step: int, run: Run, bar: tq
 def train_one_epoch(run: Run, check_every: int | None = None) -> dict[str, float]:
     """One pass over the training set; returns the mean loss, the lr and the wall time.
 
-    No step reads a tensor on the host: the losses are checked for NaN/inf (and shown on the progress bar) every
-    ``check_every`` steps (default :data:`CHECK_EVERY`) and at the end of the epoch, in one read each.
+    No step reads a tensor on the host: the losses are checked for NaN/inf (and shown
+    on the progress bar) every ``check_every`` steps (default: ``CHECK_EVERY``) and at
+    the end of the epoch, in one read each (short lines: the book prints this function).
     """
     cfg, model, opt = run.config, run.model, run.optimizer
     check_every = check_every or CHECK_EVERY
@@ -340,7 +342,8 @@ def train_one_epoch(run: Run, check_every: int | None = None) -> dict[str, float
     if cfg.max_steps_per_epoch is not None:
         steps = min(steps, cfg.max_steps_per_epoch)
     total, count, start = torch.zeros((), device=run.device), 0, time.perf_counter()
-    step_losses: list[torch.Tensor] = []  # only with log_step_loss (kept on the device: no sync per step)
+    # only with log_step_loss (kept on the device: no sync per step)
+    step_losses: list[torch.Tensor] = []
     unchecked: list[torch.Tensor] = []  # the losses since the last check, on the device
     bar = tqdm(
         total=steps,
@@ -355,16 +358,19 @@ def train_one_epoch(run: Run, check_every: int | None = None) -> dict[str, float
         images = images.to(run.device, non_blocking=True)
         indices = indices.to(run.device, non_blocking=True)
         with torch.no_grad():
-            views = run.data.views(images, run.method.num_views)  # augmented on the device where it is cheap
+            # augmented on the device, where it is cheap
+            views = run.data.views(images, run.method.num_views)
         if run.device.type == "cuda" and cfg.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
-            loss = model(views, indices)  # the method's loss (InstDisc: encode, then NCE over the bank)
+            # the method's loss (InstDisc: encode, then NCE over the bank)
+            loss = model(views, indices)
         opt.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(opt)
         run.scaler.update()
-        run.method.after_step()  # the explicit no-grad step: InstDisc's bank update, MoCo's momentum + queue
+        # the explicit no-grad step: InstDisc's bank update, MoCo's momentum + queue
+        run.method.after_step()
         total += loss.detach()
         count += 1
         unchecked.append(loss.detach())
@@ -377,7 +383,8 @@ def train_one_epoch(run: Run, check_every: int | None = None) -> dict[str, float
     if unchecked:  # the end of the epoch: before anything of it is evaluated or saved
         _check_finite(unchecked, count - len(unchecked), run, bar)
     bar.close()
-    mean = distributed.all_reduce_mean(total / max(count, 1))  # the loss of the global batch
+    # the loss of the global batch
+    mean = distributed.all_reduce_mean(total / max(count, 1))
     stats = {"loss": mean.item(), "lr": lr, "time": time.perf_counter() - start}
     if step_losses:  # this process's loss at every step of the epoch, in order
         stats["step_loss"] = torch.stack(step_losses).float().cpu().tolist()

@@ -143,13 +143,24 @@ class BandSplit(nn.Module):
         return f"views={self.names}, channels={self.channels}, sigma={self.sigma}"
 
 
-def build_view_split(dataset: str, in_channels: int) -> LabSplit | BandSplit:
-    """The two-view split of a dataset: Lab for colour (the dataset names its normalisation), bands for grayscale."""
+def build_view_split(
+    dataset: str,
+    in_channels: int,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> LabSplit | BandSplit:
+    """The two-view split of a dataset: Lab for colour, bands for grayscale.
+
+    Lab undoes the pipeline's ``(rgb - mean) / std`` first: ``normalisation`` is that ``(mean, std)`` (the data
+    bundle's, which for your own images are their own statistics); without it a built-in colour dataset names its own.
+    """
     if in_channels == 1:
         return BandSplit()
     if in_channels == 3:
-        if dataset not in COLOUR_NORMALISATION:
-            known = ", ".join(COLOUR_NORMALISATION)
-            raise ValueError(f"no RGB normalisation known for dataset {dataset!r} (known: {known})")
-        return LabSplit(*COLOUR_NORMALISATION[dataset])
+        if normalisation is None:
+            if dataset not in COLOUR_NORMALISATION:
+                known = ", ".join(COLOUR_NORMALISATION)
+                raise ValueError(f"no RGB normalisation known for dataset {dataset!r} (known: {known}); pass the "
+                                 "data's (mean, std) as normalisation")  # fmt: skip
+            normalisation = COLOUR_NORMALISATION[dataset]
+        return LabSplit(*normalisation)
     raise ValueError(f"CMC's views need 1 (grayscale) or 3 (RGB) input channels, got {in_channels}")

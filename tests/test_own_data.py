@@ -26,6 +26,7 @@ from instdisc_lite.data import (
     scan_image_folder,
 )
 from instdisc_lite.evaluate import extract_features
+from instdisc_lite.views import rgb_to_lab
 
 N, N_TEST, SIDE = 128, 40, 16  # tiny: a run of one epoch takes about a second
 
@@ -174,6 +175,21 @@ def test_run_without_a_scorable_knn_trains_and_says_why(kind, own, tmp_path, cap
 def test_labelled_folder_run(own, tmp_path):
     run = train(folder(own, tmp_path))
     assert 0 <= run.final["knn_top1"] <= 100 and run.data.num_classes == 2
+
+
+def test_cmc_on_own_colour_images_undoes_their_own_normalisation(own, tmp_path):
+    # CMC's Lab views must undo the (rgb - mean) / std the images arrive with: for own data that is their own
+    # statistics, which no dataset name can supply
+    run = train(folder(own, tmp_path, method="cmc", objective="softmax", low_dim=16))
+    split = run.method.encoder.split
+    assert split.names == ("L", "ab") and run.data.in_channels == 3
+    assert torch.allclose(split.mean.flatten(), torch.tensor(run.data.mean)), "Lab must undo the data's own mean"
+    assert torch.allclose(split.std.flatten(), torch.tensor(run.data.std)), "Lab must undo the data's own std"
+    images = next(iter(run.data.train_eval_loader))[0][:4].float() / 255  # raw pixels in [0, 1]
+    normalised = (images - split.mean) / split.std
+    lightness, _ = split(normalised)
+    assert torch.allclose(lightness, (rgb_to_lab(images)[:, :1] - 50) / 50, atol=1e-4), "L of the raw pixels"
+    assert math.isfinite(run.metrics[-1]["loss"])
 
 
 # ------------------------------------------------------------------------------------------------

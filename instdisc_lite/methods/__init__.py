@@ -36,11 +36,23 @@ def _discover() -> dict[str, type[Method]]:
 METHODS: dict[str, type[Method]] = _discover()
 
 
-def build_method(config: TrainConfig, num_items: int, in_channels: int) -> Method:
-    """The :class:`Method` named by ``config.method`` for a dataset of ``num_items`` images."""
+def build_method(
+    config: TrainConfig,
+    num_items: int,
+    in_channels: int,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> Method:
+    """The :class:`Method` named by ``config.method`` for a dataset of ``num_items`` images.
+
+    ``normalisation``: the per-channel ``(mean, std)`` the images arrive normalised with (``DataBundle.mean/std``),
+    for a method whose views undo it (``Method.uses_normalisation``: CMC's Lab conversion); the others ignore it.
+    """
     if config.method not in METHODS:
         raise ConfigError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
-    return METHODS[config.method](config, num_items, in_channels)
+    cls = METHODS[config.method]
+    if cls.uses_normalisation:
+        return cls(config, num_items, in_channels, normalisation=normalisation)
+    return cls(config, num_items, in_channels)
 
 
 def taxonomy() -> list[dict[str, str]]:

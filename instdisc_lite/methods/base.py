@@ -52,6 +52,9 @@ class Method(nn.Module):
     negatives: ClassVar[str]  # where the negatives come from
     loss: ClassVar[str]  # which loss scores them
     num_views: ClassVar[int] = 1  # augmented views of each image a step needs
+    # True for a method whose views undo the pipeline's per-channel normalisation (CMC's Lab): its constructor then
+    # takes ``normalisation=(mean, std)`` from build_method
+    uses_normalisation: ClassVar[bool] = False
 
     def __init__(self, config: TrainConfig, num_items: int, in_channels: int) -> None:
         super().__init__()

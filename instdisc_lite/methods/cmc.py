@@ -7,7 +7,7 @@ low- and a high-pass band on grayscale data. With encoders f_1, f_2 and banks V_
     z1_i = f_1(view_1(x_i)),  z2_i = f_2(view_2(x_i))                     # (B, d) each, unit norm  -> forward
     L = NCE(z1_i scored against V_2; positive V_2[i], m noise rows of V_2)
       + NCE(z2_i scored against V_1; positive V_1[i], m noise rows of V_1)  # eqs. 3-7 of InstDisc, twice
-    V_1[i] <- normalise(m V_1[i] + (1 - m) z1_i);  V_2[i] likewise with z2_i  # -> after_step
+    V_1[i] <- normalise(mu V_1[i] + (1 - mu) z1_i);  V_2[i] likewise with z2_i  # -> after_step
 
 so the positive of a view-1 feature is the *other* view of the same image, and its noise the other view of random
 images; each direction is its own :class:`~instdisc_lite.nce.NCE`, with its own Z (CMC's Z_l and Z_ab).
@@ -93,15 +93,22 @@ class CMC(Method):
     loss = "NCE across views"
     # one augmented crop per step: CMC's views are channel groups (L / ab) or bands of that same crop
     num_views = 1
+    uses_normalisation = True  # Lab needs the RGB values back: your own images come with their own mean/std
 
-    def __init__(self, config: TrainConfig, num_items: int, in_channels: int) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        num_items: int,
+        in_channels: int,
+        normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    ) -> None:
         super().__init__(config, num_items, in_channels)
         if config.objective not in CROSS_VIEW_OBJECTIVES:
             raise ConfigError(
                 f"method 'cmc' scores its views with {' or '.join(CROSS_VIEW_OBJECTIVES)}; got objective "
                 f"{config.objective!r}"
             )
-        split = build_view_split(config.dataset, in_channels)
+        split = build_view_split(config.dataset, in_channels, normalisation)
         c1, c2 = split.channels
         self.view_names = split.names
         # full width per view: build_encoder has no width knob (the paper halves each view's network)

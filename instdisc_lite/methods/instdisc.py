@@ -5,7 +5,7 @@ The step the paper describes, in four lines (the middle two are the trainer's)::
     features = encoder(view)                    # (B, d), unit norm                      -> forward
     loss = objective(features, indices)         # NCE / softmax over the bank (+ proximal)
     loss.backward(); optimizer.step()           #                                         (the trainer)
-    bank.update(indices, features.detach())     # v_i <- normalise(m v_i + (1 - m) f_i)  -> after_step
+    bank.update(indices, features.detach())     # v_i <- normalise(mu v_i + (1 - mu) f_i)  -> after_step
 
 ``objective: parametric`` swaps the bank for the n-way classifier of eq. 1, the baseline the paper argues against
 (the bank is still kept, for the kNN monitor); ``objective: cosine`` is the same classifier with unit-length
@@ -71,7 +71,8 @@ class InstDisc(Method):
         features = self.encoder(views[0])  # (B, d), unit norm
         self._step = (indices, features.detach())
         with full_precision(features):
-            return self.objective(features.float(), indices)  # NCE / softmax over the bank (+ proximal term)
+            # NCE / softmax over the bank (+ proximal term)
+            return self.objective(features.float(), indices)
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -39,6 +39,8 @@ CHROMIUM_ARGS = [
 COLAB_PREFIX = "https://colab.research.google.com/github/instdisc-lite/instdisc_lite/blob/main/"
 SCREENSHOT_PAGES = ("book/00_preface.html", "book/01_classes_to_instances.html", "book/05_training.html")
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+# From 1440 px on, the article has its full width (60em) and a code block holds 89 columns (tests/test_book_prose.py)
+VIEWPORT = {"width": 1440, "height": 900}
 NON_NETWORK_SCHEMES = {"data", "blob", "about", "file"}
 RAW_TEX = ("$$", "\\(", "\\[")
 
@@ -126,6 +128,15 @@ async (rawTex) => {
   report.images = document.images.length;
   report.colab = [...document.querySelectorAll('a[href*="colab.research.google.com"]')].map(a => a.href);
   report.errorOutputs = document.querySelectorAll('.output.traceback, .output.error').length;
+  // code and output blocks wider than the page: the reader would have to scroll sideways
+  report.overflow = [...document.querySelectorAll('main pre')]
+      .filter(pre => pre.scrollWidth > pre.clientWidth + 1)
+      .map(pre => `${pre.scrollWidth - pre.clientWidth}px too wide: ${pre.textContent.trim().slice(0, 60)}`);
+  // what a cell wrote to stderr (myst-nb: .output.stderr), Python warnings, and docutils' own warnings
+  const warned = [...document.querySelectorAll('main .output.stderr, main .system-message, main .problematic')];
+  const pageText = (document.querySelector('main') || document.body).innerText;
+  report.stderr = warned.map(e => e.textContent.trim().slice(0, 100));
+  report.warningText = (pageText.match(/^.*\\w+Warning: .*$/gm) || []).map(l => l.slice(0, 100));
   report.title = document.title;
   return report;
 }
@@ -134,7 +145,7 @@ async (rawTex) => {
 
 @pytest.mark.parametrize("page_path", PAGES)
 def test_page_renders_offline(browser, server, page_path):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = browser.new_page(viewport=VIEWPORT)
     requests, external, failed, errors = [], [], [], []
     page.on("request", lambda r: requests.append(r.url))
     page.on("request", lambda r: None if _is_local(r.url) else external.append(r.url))
@@ -169,6 +180,9 @@ def test_page_renders_offline(browser, server, page_path):
 
     assert not report["brokenImages"], f"{page_path}: images that did not load: {report['brokenImages']}"
     assert not report["errorOutputs"], f"{page_path}: a cell's output is an error"
+    assert not report["overflow"], f"{page_path}: code or output wider than the page: {report['overflow']}"
+    assert not report["stderr"], f"{page_path}: stderr output or warnings on the page: {report['stderr']}"
+    assert not report["warningText"], f"{page_path}: warning text on the page: {report['warningText']}"
 
     notebook = _notebook_for(shown)
     if notebook is not None:
