@@ -155,15 +155,19 @@ def similarity_histograms(
     positives: Mapping[str, torch.Tensor], negatives: Mapping[str, torch.Tensor], bins: int = 60
 ) -> Figure:
     """One panel per stage (the keys, e.g. "untrained", "trained"): histograms of the cosine similarities of
-    positive pairs (two views of one image) and of negative pairs (two different images)."""
-    fig, axes = plt.subplots(1, len(positives), figsize=(4.2 * len(positives), 3.2), sharey=True, squeeze=False)
+    positive pairs (two views of one image) and of negative pairs (two different images), with their means dashed.
+    Each panel has its own density scale: an untrained encoder puts every pair into one or two bins."""
+    fig, axes = plt.subplots(1, len(positives), figsize=(4.2 * len(positives), 3.2), squeeze=False)
     edges = torch.linspace(-1, 1, bins + 1).numpy()
     for ax, stage in zip(axes[0], positives, strict=True):
-        ax.hist(negatives[stage].numpy(), bins=edges, density=True, alpha=0.6, color="tab:gray", label="negatives")
-        ax.hist(positives[stage].numpy(), bins=edges, density=True, alpha=0.6, color="tab:blue", label="positives")
-        ax.set(title=stage, xlabel="cosine similarity")
-    axes[0, 0].set_ylabel("density")
-    axes[0, 0].legend(fontsize=8, loc="upper left")
+        for pairs, colour, name in (
+            (negatives[stage], "tab:gray", "negatives"),
+            (positives[stage], "tab:blue", "positives"),
+        ):
+            ax.hist(pairs.numpy(), bins=edges, density=True, alpha=0.55, color=colour, label=name)
+            ax.axvline(pairs.mean().item(), color=colour, linestyle="--", lw=1.2, label=f"mean of the {name}")
+        ax.set(title=stage, xlabel="cosine similarity", ylabel="density")
+    axes[0, 0].legend(fontsize=7, loc="upper left")
     fig.suptitle("Positive pairs (two views of one image) and negative pairs (two images)", fontsize=10)
     fig.tight_layout()
     return fig

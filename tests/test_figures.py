@@ -87,4 +87,4 @@ def test_circle_and_histogram_panels():
     stages = {"untrained": torch.rand(50), "trained": torch.rand(50)}
     fig = similarity_histograms(stages, {k: -v for k, v in stages.items()})
     assert [ax.get_title() for ax in fig.axes] == ["untrained", "trained"]
-    assert all(len(ax.patches) == 2 * 60 for ax in fig.axes), "a positive and a negative histogram per panel"
+    assert all(len(ax.patches) == 2 * 60 and len(ax.lines) == 2 for ax in fig.axes), "two histograms, two means"
