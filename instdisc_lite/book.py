@@ -301,6 +301,11 @@ def colab_settings(
     environ.update(settings)
     where = f"runs kept on Google Drive in {COLAB_DRIVE_RUNS}" if use_drive else "runs kept in this session only"
     print(f"Colab: {choice} mode, {where}")
+    if choice != "quick" and not torch.cuda.is_available():
+        print(
+            f"This runtime has no GPU, which {choice} mode needs: choose Runtime > Change runtime type > T4 GPU "
+            "(then run this cell again), or choose quick mode."
+        )
     return settings
 
 

@@ -181,11 +181,15 @@ def test_glue_prints_without_myst_nb(monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines() == ["ch0_accuracy = 81.25", "42"]
 
 
-def test_colab_settings_choose_the_mode(capsys):
+def test_colab_settings_choose_the_mode(monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     environ = {RUNS_DIR_ENV: COLAB_DRIVE_RUNS}  # a rerun of the cell with Drive unticked
     settings = colab_settings("Paper", False, environ=environ, mount=lambda path: pytest.fail("no Drive asked"))
     assert settings == {"INSTDISC_BOOK_MODE": "paper"} and environ == settings
-    assert "paper mode" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "paper mode" in out and "no GPU" in out, "paper mode on a CPU runtime deserves a warning"
+    colab_settings("quick", False, environ={})
+    assert "no GPU" not in capsys.readouterr().out, "quick mode is meant for a CPU"
     environ = {RUNS_DIR_ENV: "/somewhere/else"}  # a runs directory the reader set is not ours to drop
     colab_settings("quick", False, environ=environ)
     assert environ[RUNS_DIR_ENV] == "/somewhere/else"
