@@ -389,7 +389,8 @@ def expected_times(
     estimates = _read_json(root / RUNTIME_ESTIMATES) or {}
     measured = (times.get("chapters") or {}).get(chapter)
     estimated = (estimates.get("chapters") or {}).get(chapter)
-    cores = ((times.get("provenance") or {}).get("cpu") or {}).get("cores")
+    cores = (measured or {}).get("cpu_cores") if isinstance(measured, dict) else None
+    cores = cores or ((times.get("provenance") or {}).get("cpu") or {}).get("cores")  # the chapter's, else the run's
     cpu = f"a {cores}-core CPU" if isinstance(cores, int) else "a CPU"
     seconds = {
         "quick": _seconds(measured, "wall_s"),
