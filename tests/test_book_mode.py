@@ -1,17 +1,38 @@
-"""The book's mode switch (instdisc_lite.book): quick | full | auto, and CI's smoke run of full mode."""
+"""The book's mode switch (instdisc_lite.book): quick | full | paper | auto, CI's smoke run of full mode, where runs
+go, glue without myst-nb, the Colab form and the chapters' expected run times."""
 
 from __future__ import annotations
 
+import json
+import sys
+import types
+from pathlib import Path
+
 import pytest
 
-from instdisc_lite import load_config
-from instdisc_lite.book import SMOKE_CAP, book_mode, results_files, shortened, training_run_config
+from instdisc_lite import book, load_config
+from instdisc_lite.book import (
+    COLAB_DRIVE_MOUNT,
+    COLAB_DRIVE_RUNS,
+    FULL_TRAINING_EPOCHS,
+    RUNS_DIR_ENV,
+    SMOKE_CAP,
+    book_mode,
+    colab_settings,
+    expected_times,
+    results_files,
+    runs_dir,
+    shortened,
+    training_run_config,
+)
+from instdisc_lite.schedule import milestone_epochs
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     monkeypatch.delenv("INSTDISC_BOOK_MODE", raising=False)
     monkeypatch.delenv("INSTDISC_BOOK_SMOKE", raising=False)
+    monkeypatch.delenv(RUNS_DIR_ENV, raising=False)
 
 
 def test_auto_is_quick_without_a_gpu(monkeypatch):
@@ -27,9 +48,24 @@ def test_environment_chooses_full(monkeypatch):
     assert mode.name == "full" and mode.pick(quick=1, full=2) == 2
 
 
+def test_auto_is_full_on_a_cuda_gpu(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.current_device", lambda: 0)
+    mode = book_mode()
+    assert (mode.name, mode.device.type) == ("full", "cuda")
+
+
+def test_paper_mode_defaults_to_full_where_a_call_gives_no_paper_value():
+    paper, full, quick = book_mode("paper"), book_mode("full"), book_mode("quick")
+    assert paper.name == "paper" and not paper.quick
+    assert paper.pick(quick=1, full=2, paper=3) == 3 and paper.pick(quick=1, full=2) == 2
+    assert full.pick(quick=1, full=2, paper=3) == 2 and quick.pick(quick=1, full=2, paper=3) == 1
+    assert paper.pick(quick=1, full=2, paper=None) is None, "an explicit None is a value, not 'use full'"
+
+
 def test_unknown_mode_names_the_valid_ones(monkeypatch):
     monkeypatch.setenv("INSTDISC_BOOK_MODE", "fast")
-    with pytest.raises(ValueError, match="quick, full, auto"):
+    with pytest.raises(ValueError, match="quick, full, paper, auto"):
         book_mode()
 
 
@@ -48,6 +84,12 @@ def test_smoke_run_caps_every_training_run(monkeypatch):
     assert sizes["epochs"] == 200, "the caller's dict must not be modified"
     assert mode.capped({"epochs": 1})["epochs"] == 1, "a smaller value is kept"
     assert mode.capped({"epochs": 0})["epochs"] == 0, "zero epochs (an untrained baseline) stays zero"
+
+
+def test_smoke_run_caps_paper_mode_too(monkeypatch):
+    monkeypatch.setenv("INSTDISC_BOOK_SMOKE", "1")
+    mode = book_mode("paper")
+    assert mode.capped({"epochs": 200, "train_subset": None}) == {k: SMOKE_CAP[k] for k in SMOKE_CAP}
 
 
 def test_smoke_run_needs_full_mode(monkeypatch):
@@ -73,9 +115,20 @@ def test_training_run_config_per_mode(monkeypatch, tmp_path):
     quick = training_run_config(book_mode("quick"), tmp_path)
     assert (quick.dataset, quick.out_dir, quick.progress) == ("fashion_mnist", str(tmp_path), False)
     assert quick.train_subset < load_config("fashion_mnist_quick").train_subset
+    shipped = load_config("cifar10_resnet18")
+    paper = training_run_config(book_mode("paper"), tmp_path)
+    assert (paper.dataset, paper.epochs, paper.train_subset, paper.num_negatives) == (
+        "cifar10",
+        shipped.epochs,
+        None,
+        4096,
+    )
     full = training_run_config(book_mode("full"), tmp_path)
-    paper = load_config("cifar10_resnet18")
-    assert (full.dataset, full.epochs, full.train_subset, full.num_negatives) == ("cifar10", paper.epochs, None, 4096)
+    assert (full.dataset, full.epochs, full.train_subset) == ("cifar10", FULL_TRAINING_EPOCHS, None)
+    assert full.epochs < paper.epochs, "full mode is the paper's run, shortened to fit one Colab session"
+    # the lr steps sit at the same fractions of the run, so the shortened schedule has the paper's shape
+    for f, p in zip(milestone_epochs(full), milestone_epochs(paper), strict=True):
+        assert abs(f / full.epochs - p / paper.epochs) <= 1 / full.epochs
     monkeypatch.setenv("INSTDISC_BOOK_SMOKE", "1")
     smoke = training_run_config(book_mode("full"), tmp_path)
     assert (smoke.epochs, smoke.train_subset, smoke.eval_subset) == tuple(
@@ -95,3 +148,102 @@ def test_results_files_found_from_the_root_or_from_book(tmp_path, monkeypatch):
     (tmp_path / "book" / "deeper").mkdir()
     monkeypatch.chdir(tmp_path / "book" / "deeper")  # neither results/ nor ../results/ here
     assert results_files("quality.json") == []
+
+
+def test_runs_dir_is_one_directory_per_mode_under_one_setting(monkeypatch, tmp_path):
+    assert runs_dir(book_mode("full")) == Path("runs/book/full")
+    assert runs_dir(book_mode("quick")) != runs_dir(book_mode("paper")), "modes must not share run directories"
+    monkeypatch.setenv(RUNS_DIR_ENV, str(tmp_path / "drive"))
+    assert runs_dir(book_mode("paper")) == tmp_path / "drive" / "book" / "paper"
+
+
+def test_glue_uses_myst_nb_when_installed(monkeypatch):
+    calls = []
+    fake = types.ModuleType("myst_nb")
+    fake.glue = lambda name, value, display=True: calls.append((name, value, display))
+    monkeypatch.setitem(sys.modules, "myst_nb", fake)
+    book._myst_glue.cache_clear()
+    try:
+        book.glue("ch0_x", 1.5, display=False)
+    finally:
+        book._myst_glue.cache_clear()
+    assert calls == [("ch0_x", 1.5, False)]
+
+
+def test_glue_prints_without_myst_nb(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "myst_nb", None)  # import myst_nb raises ImportError, as on Colab
+    book._myst_glue.cache_clear()
+    try:
+        book.glue("ch0_accuracy", 81.25, display=False)
+        book.glue("ch0_shown", 42, display=True)
+    finally:
+        book._myst_glue.cache_clear()
+    assert capsys.readouterr().out.splitlines() == ["ch0_accuracy = 81.25", "42"]
+
+
+def test_colab_settings_choose_the_mode(monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    environ = {RUNS_DIR_ENV: COLAB_DRIVE_RUNS}  # a rerun of the cell with Drive unticked
+    settings = colab_settings("Paper", False, environ=environ, mount=lambda path: pytest.fail("no Drive asked"))
+    assert settings == {"INSTDISC_BOOK_MODE": "paper"} and environ == settings
+    out = capsys.readouterr().out
+    assert "paper mode" in out and "no GPU" in out, "paper mode on a CPU runtime deserves a warning"
+    colab_settings("quick", False, environ={})
+    assert "no GPU" not in capsys.readouterr().out, "quick mode is meant for a CPU"
+    environ = {RUNS_DIR_ENV: "/somewhere/else"}  # a runs directory the reader set is not ours to drop
+    colab_settings("quick", False, environ=environ)
+    assert environ[RUNS_DIR_ENV] == "/somewhere/else"
+    with pytest.raises(ValueError, match="quick, full, paper.*form"):
+        colab_settings("auto", False, environ={})
+
+
+def test_colab_settings_keep_runs_on_drive(monkeypatch):
+    mounted, environ = [], {}
+    settings = colab_settings("full", True, environ=environ, mount=mounted.append)
+    assert mounted == [COLAB_DRIVE_MOUNT] and environ == settings
+    assert environ == {"INSTDISC_BOOK_MODE": "full", RUNS_DIR_ENV: COLAB_DRIVE_RUNS}
+    monkeypatch.setattr(book.os, "environ", environ)
+    assert runs_dir(book_mode()) == Path(COLAB_DRIVE_RUNS) / "book" / "full"
+    assert "google.colab" not in sys.modules
+    with pytest.raises(ImportError):  # off Colab there is no Drive to mount
+        colab_settings("full", True, environ={})
+
+
+@pytest.fixture
+def timing_results(tmp_path) -> Path:
+    """A results/ with a quick-mode timing and a PROVISIONAL placeholder of perf's runtime_estimates.json (schema
+    only: its numbers are made up for this test and are not estimates of anything)."""
+    times = {
+        "mode": "quick",
+        "chapters": {"01_classes_to_instances": {"wall_s": 95.0}, "02_memory_bank": {"wall_s": 40.0}},
+        "provenance": {"cpu": {"cores": 2, "model": "test CPU"}, "command": "test"},
+    }
+    estimates = {
+        "assumption": {"provisional": "test placeholder, not an estimate"},
+        "chapters": {"01_classes_to_instances": {"full_t4_s_estimate": 1000.0, "paper_t4_s_estimate": 9000.0}},
+        "provenance": {"provisional": True},
+    }
+    (tmp_path / "chapter_times.json").write_text(json.dumps(times))
+    (tmp_path / "runtime_estimates.json").write_text(json.dumps(estimates))
+    return tmp_path
+
+
+def test_expected_times_read_measured_and_estimated_seconds(timing_results):
+    t = expected_times("01_classes_to_instances", book_mode("full"), results=timing_results)
+    assert t.seconds == {"quick": 95.0, "full": 1000.0, "paper": 9000.0}
+    table = t._repr_markdown_()
+    assert "| quick | about 2 min on a 2-core CPU (measured) |" in table
+    assert "| **full** (this run) | about 17 min on a T4 GPU (estimate) |" in table
+    assert "| paper | about 2.5 h on a T4 GPU (estimate) |" in table
+    assert "<- this run" in str(t) and str(t).count("\n") == 2
+
+
+def test_expected_times_say_not_measured_yet_where_data_is_missing(timing_results, tmp_path):
+    partial = expected_times("02_memory_bank", "quick", results=timing_results)  # timed, but no estimate yet
+    assert partial.seconds == {"quick": 40.0, "full": None, "paper": None}
+    assert [text for _, text in partial.rows()][1:] == ["not measured yet"] * 2
+    nothing = expected_times("01_classes_to_instances", results=tmp_path / "absent")  # no results/ (Colab)
+    assert set(nothing.seconds.values()) == {None} and "not measured yet" in nothing._repr_markdown_()
+    (timing_results / "runtime_estimates.json").write_text("{not json")
+    with pytest.raises(ValueError, match="runtime_estimates.json is not valid JSON"):
+        expected_times("01_classes_to_instances", results=timing_results)

@@ -20,12 +20,26 @@ NOTEBOOKS = sorted(BOOK.glob("*.ipynb"))
 REPOSITORY = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
 
 INSTALL_CELL = f"""\
-# On Colab, install instdisc_lite and the book's extras; elsewhere it is already installed.
+# On Colab: choose a mode and whether runs are kept on Google Drive, then run this cell; it installs instdisc_lite.
+# Elsewhere the form is ignored (INSTDISC_BOOK_MODE chooses the mode) and the package is already installed.
+MODE_CHOICE = "full"  # @param ["quick", "full", "paper"]
+USE_DRIVE = False  # @param {{type:"boolean"}}
 import sys
 if "google.colab" in sys.modules:
     import subprocess
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "instdisc_lite[book] @ git+{REPOSITORY}"], check=True)"""
+                    "instdisc_lite[colab] @ git+{REPOSITORY}"], check=True)
+    from instdisc_lite.book import colab_settings
+    colab_settings(MODE_CHOICE, USE_DRIVE)"""
+# The boilerplate is hidden in the rendered book (Jupyter Book 1 cell tags) and shown on Colab, where tags do nothing.
+# The preface's text presents the install cell, so there it is folded rather than removed.
+INSTALL_TAG = {"00_preface": "hide-input"}
+MODE_CELL = """\
+from instdisc_lite.book import book_mode, expected_times
+
+MODE = book_mode()
+print(MODE)
+expected_times("{stem}", MODE)"""
 
 
 def test_book_has_notebooks():
@@ -54,6 +68,49 @@ def test_first_code_cell_is_the_colab_install_cell(notebook):
     assert code[0].source.strip() == INSTALL_CELL, (
         f"{name}: the first code cell must be exactly the Colab install cell of CONTRIBUTING.md"
     )
+
+
+def test_boilerplate_cells_are_hidden_in_the_rendered_book(notebook):
+    name, nb = notebook
+    stem = name.removesuffix(".ipynb")
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    tags = code[0].metadata.get("tags", [])
+    assert INSTALL_TAG.get(stem, "remove-cell") in tags, (
+        f"{name}: the install cell must be tagged {INSTALL_TAG.get(stem, 'remove-cell')!r}; run tools/book_cells.py"
+    )
+    mode = next((c for c in code if "MODE = book_mode()" in c.source), None)
+    assert mode is not None and mode.source.strip() == MODE_CELL.format(stem=stem), (
+        f"{name}: the mode cell must be exactly the one of CONTRIBUTING.md, naming {stem!r}; run tools/book_cells.py"
+    )
+    assert "remove-input" in mode.metadata.get("tags", []), f"{name}: the mode cell must be tagged 'remove-input'"
+    assert not any("from myst_nb import" in c.source for c in code), (
+        f"{name}: import glue from instdisc_lite.book (it falls back to printing where myst-nb is absent, on Colab)"
+    )
+
+
+def test_install_cell_does_nothing_off_colab(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    assert "google.colab" not in sys.modules
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the install cell ran pip off Colab"))
+    before = dict(os.environ)
+    namespace: dict = {}
+    exec(INSTALL_CELL, namespace)
+    assert (namespace["MODE_CHOICE"], namespace["USE_DRIVE"]) == ("full", False), "the form's defaults"
+    assert dict(os.environ) == before, "off Colab the form must not change the mode or the runs directory"
+
+
+def test_boilerplate_tool_agrees_with_this_test():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("book_cells", ROOT / "tools" / "book_cells.py")
+    cells = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cells)
+    assert cells.install_cell_source(REPOSITORY) == INSTALL_CELL
+    assert cells.mode_cell_source("01_x") == MODE_CELL.format(stem="01_x")
+    assert cells.main(["--check"]) == 0, "tools/book_cells.py would change a notebook; run it"
 
 
 def test_first_cell_is_a_title(notebook):

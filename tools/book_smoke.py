@@ -5,7 +5,7 @@ checks everything else about it: each notebook is copied to ``_build/smoke/book/
 beside it in the exact on-disk format (``data/cifar-10-batches-py``, noise images), and nbval executes the chapters
 with ``INSTDISC_BOOK_MODE=full INSTDISC_BOOK_SMOKE=1``: the full configs, models and branches run, each training run
 capped by ``instdisc_lite.book.SMOKE_CAP`` and the claims about learning skipped. The runs the chapters write
-(``runs/book/<name>/``: metrics, checkpoints, results) stay in ``_build/smoke/book/`` for inspection.
+(``runs/book/full/<name>/``: metrics, checkpoints, results) stay in ``_build/smoke/book/`` for inspection.
 
     python tools/book_smoke.py [chapter.ipynb ...]      # default: every chapter, book/NN_*.ipynb
 """
