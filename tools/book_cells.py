@@ -26,15 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PREFACE = "00_preface"
 
 INSTALL_TEMPLATE = """\
-# On Colab: choose a mode and whether runs are kept on Google Drive, then run this cell; it installs instdisc_lite.
-# Elsewhere the form is ignored (INSTDISC_BOOK_MODE chooses the mode) and the package is already installed.
+# On Colab: choose a mode and whether to keep runs on Google Drive, then run this cell.
+# Elsewhere the form is ignored (INSTDISC_BOOK_MODE chooses) and the package is installed.
 MODE_CHOICE = "full"  # @param ["quick", "full", "paper"]
 USE_DRIVE = False  # @param {{type:"boolean"}}
 import sys
 if "google.colab" in sys.modules:
     import subprocess
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "instdisc_lite[colab] @ git+{repository}"], check=True)
+    URL = "git+{repository}"
+    pip = [sys.executable, "-m", "pip", "install", "-q", f"instdisc_lite[colab] @ {{URL}}"]
+    subprocess.run(pip, check=True)
     from instdisc_lite.book import colab_settings
     colab_settings(MODE_CHOICE, USE_DRIVE)"""
 
