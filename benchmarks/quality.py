@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
     train_x, train_y, test_x, test_y = evaluation_images(config)  # fail on bad data before training
+    # the commit and package diff of the code that runs, read before it runs (the checkout may change meanwhile)
+    origin = provenance(sys.argv if argv is None else ["benchmarks/quality.py", *argv])
     busy0, t0 = _busy_seconds(), time.perf_counter()
     own0 = sum(os.times()[:2])
     run = train(config, overwrite=True, final_eval=False)
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         "others_cpu_cores_during_run": None if others is None else round(others, 2),
         "epochs": run.metrics,
         "config": config.to_dict(),
-        "provenance": provenance(sys.argv if argv is None else ["benchmarks/quality.py", *argv]),
+        "provenance": origin,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -319,10 +319,11 @@ def test_own_data_keys_go_together(values, words):
 
 
 def test_own_data_configs_load():
+    # the quick recipe does not flip (digits and letters cannot take it); a user turns flips on for photographs
     config = load_config("fashion_mnist_quick", ["dataset=npz", "data_path=mine.npz", "test_path=test.npz"])
-    assert (config.data_path, config.test_path, config.image_size, config.flip) == ("mine.npz", "test.npz", None, True)
-    config = load_config("fashion_mnist_quick", ["dataset=folder", "data_path=photos", "image_size=64", "flip=false"])
-    assert (config.data_path, config.test_path, config.image_size, config.flip) == ("photos", None, 64, False)
+    assert (config.data_path, config.test_path, config.image_size, config.flip) == ("mine.npz", "test.npz", None, False)
+    config = load_config("fashion_mnist_quick", ["dataset=folder", "data_path=photos", "image_size=64", "flip=true"])
+    assert (config.data_path, config.test_path, config.image_size, config.flip) == ("photos", None, 64, True)
 
 
 def test_validate_config_checks_a_replaced_config():
