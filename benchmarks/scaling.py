@@ -64,7 +64,7 @@ for _p in (ROOT, ROOT / "benchmarks"):  # run from a checkout without installing
 import objectives  # noqa: E402  (the whole-step cases and the load monitor, not duplicated here)
 from quality import provenance  # noqa: E402
 
-from instdisc_lite.book import shortened  # noqa: E402
+from instdisc_lite.book import FULL_TRAINING_EPOCHS, shortened  # noqa: E402
 from instdisc_lite.config import load_config  # noqa: E402
 from instdisc_lite.evaluate import weighted_knn  # noqa: E402
 from instdisc_lite.memory_bank import MemoryBank  # noqa: E402
@@ -373,11 +373,17 @@ def method_step_flops(config_name: str, overrides: dict | None = None, batch: in
 
 @dataclass
 class ChapterRun:
-    """A training run a chapter makes in full mode, as its notebook sets it (``evidence`` must occur in it)."""
+    """A training run a chapter makes in full mode, as its notebook sets it (``evidence`` must occur in it).
+
+    ``paper_epochs`` / ``paper_images``: the same run in paper mode (``MODE.pick(..., paper=...)``); None where the
+    notebook sets no paper size, then paper mode runs the full-mode size.
+    """
 
     config: str
     images: int
     epochs: int
+    paper_epochs: int | None = None
+    paper_images: int | None = None
     count: int = 1
     overrides: dict = field(default_factory=dict)
     evals: str = "end"  # kNN monitor on the test images: "end" (once), "every" (each epoch) or "none"
@@ -388,18 +394,20 @@ class ChapterRun:
     note: str = ""
 
 
-# What each chapter trains in full mode, read from its notebook; every `evidence` string is checked against it.
+# What each chapter trains in full and paper mode, read from its notebook; every `evidence` string is checked
+# against it.
 CHAPTERS: dict[str, list[ChapterRun]] = {
     "00_preface": [],
     "01_classes_to_instances": [
         ChapterRun(
             "cifar10_resnet18",
             CIFAR_N,
-            30,
+            18,
+            paper_epochs=30,
             count=2,
             overrides={"objective": "softmax"},
             extra_forward_images=(CIFAR_N + CIFAR_TEST) // 2,
-            evidence='full={"epochs": 30}',
+            evidence='full={"epochs": 18}',
             note="two runs (parametric, softmax objective) + one untrained evaluation; the parametric arm's "
             "step is counted as the softmax's (both score all n per image)",
         ),
@@ -408,13 +416,14 @@ CHAPTERS: dict[str, list[ChapterRun]] = {
         ChapterRun(
             "cifar10_resnet18",
             CIFAR_N,
-            15,
+            9,
+            paper_epochs=15,
             count=3,
             overrides={"objective": "softmax"},
             evals="none",
             final_eval=False,
-            extra_forward_images=16 * CIFAR_N,
-            evidence='full={"epochs": 15}',
+            forward_images_per_epoch=CIFAR_N,
+            evidence='full={"epochs": 9}',
             note="three bank momenta; every epoch (and before the first) a forward pass over all training "
             "images measures the bank's agreement",
         ),
@@ -434,10 +443,11 @@ CHAPTERS: dict[str, list[ChapterRun]] = {
         ChapterRun(
             "cifar10_resnet18",
             CIFAR_N,
-            15,
+            5,
+            paper_epochs=15,
             count=6,
             evals="every",
-            evidence='sizes = {"epochs": 15}',
+            evidence='full={"epochs": 5}',
             note="four proximal weights and two bank momenta",
         ),
     ],
@@ -445,10 +455,12 @@ CHAPTERS: dict[str, list[ChapterRun]] = {
         ChapterRun(
             "cifar10_resnet18",
             CIFAR_N,
-            200,
+            FULL_TRAINING_EPOCHS,
+            paper_epochs=PAPER_EPOCHS,
             evals="every",
             evidence="training_run_config(MODE",
-            note="the shipped config as it is (instdisc_lite.book.training_run_config)",
+            note="the shipped config, shortened to FULL_TRAINING_EPOCHS epochs in full mode and as it is in paper "
+            "mode (instdisc_lite.book.training_run_config)",
         ),
     ],
     "06_evaluation": [
@@ -469,15 +481,17 @@ CHAPTERS: dict[str, list[ChapterRun]] = {
         ChapterRun(
             "cifar10_resnet18",
             CIFAR_N,
-            20,
+            8,
+            paper_epochs=20,
             extra_forward_images=CIFAR_N + CIFAR_TEST,
-            evidence='"epochs": MODE.pick(quick=3, full=20)',
+            evidence='"epochs": MODE.pick(quick=3, full=8, paper=20)',
             note="InstDisc, + its untrained evaluation",
         ),
         ChapterRun(
             "moco_cifar10",
             CIFAR_N,
-            20,
+            8,
+            paper_epochs=20,
             count=2,
             overrides={"queue_size": 4096},
             extra_forward_images=(CIFAR_N + CIFAR_TEST) // 2,
@@ -508,11 +522,14 @@ CHAPTERS: dict[str, list[ChapterRun]] = {
     "10_family": [
         ChapterRun(
             name,
-            CIFAR_N,
-            50,
-            extra_forward_images=2 * (CIFAR_N + CIFAR_TEST),
-            evidence='"epochs": MODE.pick(quick=4, full=50)',
-            note="one of the six methods, 50 epochs; + untrained evaluation and features for the probe",
+            20_000,
+            7,
+            paper_epochs=50,
+            paper_images=CIFAR_N,
+            extra_forward_images=2 * (20_000 + CIFAR_TEST),
+            evidence="IMAGES = MODE.pick(quick=4000, full=20_000, paper=50_000)",
+            note="one of the six methods, 7 epochs on 20,000 images (paper mode: 50 epochs on all 50,000); + "
+            "untrained evaluation and features for the probe (counted at the full-mode size)",
         )
         for name in (
             "cifar10_resnet18",
@@ -526,6 +543,7 @@ CHAPTERS: dict[str, list[ChapterRun]] = {
     "11_imagenet": [],
     "12_reproducing": [],
     "13_performance": [],
+    "14_running_experiments": [],
 }
 NOT_TRAINING = {
     "00_preface": "no training",
@@ -533,6 +551,7 @@ NOT_TRAINING = {
     "11_imagenet": "no training in full mode (times the objectives; the ImageNet smoke step runs in quick mode only)",
     "12_reproducing": "no training (reads the studies' results)",
     "13_performance": "no training (reads the benchmarks' results)",
+    "14_running_experiments": "no CIFAR-10 training (a few tiny fashion_mnist_quick runs, the same in every mode)",
 }
 
 
@@ -598,13 +617,16 @@ def estimates(args: argparse.Namespace, prov: dict) -> tuple[dict, dict]:
         for run in runs:
             step = step_of(run)
             full = run_flops(run, step, run.epochs, run.images)
-            paper = run_flops(run, step, PAPER_EPOCHS if run.count else 0, CIFAR_N)
+            paper_epochs = run.epochs if run.paper_epochs is None else run.paper_epochs
+            paper_images = run.images if run.paper_images is None else run.paper_images
+            paper = run_flops(run, step, paper_epochs if run.count else 0, paper_images)
             full_flops += full["train_flops"] + full["eval_flops"]
             paper_flops += paper["train_flops"] + paper["eval_flops"]
             found = run.evidence in source
             if not found:
                 print(f"  WARNING: {chapter}: {run.evidence!r} not in the notebook; its runs may have changed")
             items.append({"config": run.config, "overrides": run.overrides, "count": run.count, "epochs": run.epochs,
+                          "paper_epochs": run.paper_epochs, "paper_images": run.paper_images,
                           "images": run.images, "evals": run.evals, "final_eval": run.final_eval,
                           "extra_forward_images": run.extra_forward_images,
                           "forward_images_per_epoch": run.forward_images_per_epoch,
@@ -643,7 +665,8 @@ def estimates(args: argparse.Namespace, prov: dict) -> tuple[dict, dict]:
             "passes for evaluation: the kNN monitor's test images (once or every epoch, as the chapter "
             "sets it), the final evaluation's training and test images, and other forward passes the "
             "chapter makes; divided by the assumed throughput",
-            "paper": "the same runs at the paper's schedule: 200 epochs over all 50,000 CIFAR-10 images",
+            "paper": "the same runs at the chapter's paper-mode sizes (MODE.pick's paper=, the full size where a "
+            "notebook sets none)",
             "zero": "a chapter that trains nothing in full mode has 0",
         },  # fmt: skip
         "chapters": {
