@@ -27,15 +27,15 @@ PREFACE = "00_preface"
 
 INSTALL_TEMPLATE = """\
 # On Colab: choose a mode and whether to keep runs on Google Drive, then run this cell.
-# Elsewhere the form is ignored (INSTDISC_BOOK_MODE chooses) and the package is installed.
+# Elsewhere the form does nothing (INSTDISC_BOOK_MODE rules); the package is installed.
 MODE_CHOICE = "full"  # @param ["quick", "full", "paper"]
 USE_DRIVE = False  # @param {{type:"boolean"}}
 import sys
 if "google.colab" in sys.modules:
     import subprocess
     URL = "git+{repository}"
-    pip = [sys.executable, "-m", "pip", "install", "-q", f"instdisc_lite[colab] @ {{URL}}"]
-    subprocess.run(pip, check=True)
+    package = f"instdisc_lite[colab] @ {{URL}}"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", package], check=True)
     from instdisc_lite.book import colab_settings
     colab_settings(MODE_CHOICE, USE_DRIVE)"""
 
