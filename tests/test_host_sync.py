@@ -108,3 +108,25 @@ def test_the_counter_sees_host_reads(host_reads):
     bool(x[0] > 1), float(x[1]), int(x[2]), x.tolist(), x[x > 1], torch.unique(x), x.nonzero()
     assert host_reads == Counter(item=1, __bool__=1, __float__=1, __int__=1, tolist=1, unique=1, nonzero=1,
                                  **{"boolean mask": 1})  # fmt: skip
+
+
+def test_cuda_optimizer_takes_the_scalers_flag_on_the_device():
+    """With AMP on CUDA, GradScaler.step reads its found-inf flag on the host every step unless the optimizer
+    declares ``_step_supports_amp_scaling`` (then the flag goes to the fused kernel on the device). The trainer's
+    CUDA optimizer must be such a one; on the CPU (no scaler) it stays the plain SGD the resume tests pin down."""
+    from instdisc_lite import load_config
+    from instdisc_lite.train import make_optimizer
+
+    config = load_config("fashion_mnist_quick")
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    cuda = make_optimizer(params, config, torch.device("cuda"))  # built only: no CUDA tensor is touched
+    assert cuda.defaults["fused"] is True and getattr(cuda, "_step_supports_amp_scaling", False)
+    cpu = make_optimizer(params, config, torch.device("cpu"))
+    assert not cpu.defaults["fused"] and not getattr(cpu, "_step_supports_amp_scaling", False)
+    for opt in (cuda, cpu):  # the paper's SGD either way
+        group = opt.param_groups[0]
+        assert (group["lr"], group["momentum"], group["weight_decay"]) == (
+            config.lr,
+            config.sgd_momentum,
+            config.weight_decay,
+        )
