@@ -67,9 +67,26 @@ def words(text: str) -> str:
 
 
 def test_verdicts_are_computed_from_the_files(results):
+    edit(results / rf.QUALITY, lambda d: d["wall_s"].update(train_and_eval=rf.QUALITY_GOAL_S - 1))
     assert "within the 10-minute goal" in words(rf.render(results))
     edit(results / rf.QUALITY, lambda d: d["wall_s"].update(train_and_eval=rf.QUALITY_GOAL_S + 1))
     assert "over the 10-minute goal" in words(rf.render(results))
+
+    # on a busy machine the run's own CPU time gives the idle-machine figure: CPU seconds / torch threads
+    def busy(cpu_s: float):
+        def change(d):
+            d.update(others_cpu_cores_during_run=1.0, cpu_s_train_and_eval=cpu_s)
+            d["provenance"]["torch_threads"] = 2
+
+        return change
+
+    edit(results / rf.QUALITY, busy(2 * rf.QUALITY_GOAL_S - 20))
+    assert f"is about {rf.QUALITY_GOAL_S - 10:.0f} s" in words(rf.render(results))
+    assert "on an idle machine, within the goal" in words(rf.render(results))
+    edit(results / rf.QUALITY, busy(2 * rf.QUALITY_GOAL_S + 20))
+    assert "on an idle machine, over the goal" in words(rf.render(results))
+    edit(results / rf.QUALITY, lambda d: d.update(others_cpu_cores_during_run=0.0))
+    assert "idle machine" not in rf.render(results)  # an idle run's wall time says it all
     edit(results / rf.FIXED_Z, lambda d: d["summary"]["fixed"][-1].update(loss=0.0))
     assert "diverged" not in rf.render(results)
 
