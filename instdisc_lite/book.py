@@ -268,6 +268,30 @@ def glue(name: str, value: Any, display: bool = False) -> None:
         print(f"{name} = {value}")
 
 
+def _cell(value: Any, digits: int) -> str:
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if abs(value) < 1e6 else f"{value:.3g}"
+    return str(value).replace("|", "\\|")
+
+
+def table(rows: list[dict[str, Any]], digits: int = 2, caption: str | None = None) -> Any:
+    """Show ``rows`` (one dict per row, its keys the columns) as a table: a long printout would wrap or run off
+    the page. Floats get ``digits`` decimals. Returns an ``IPython.display.Markdown``, which the book renders as a
+    table and Colab shows as one; its plain text (a terminal) is the same pipe table.
+    """
+    from IPython.display import Markdown
+
+    if not rows:
+        return Markdown(f"*{caption}: no rows*" if caption else "*no rows*")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+        *("| " + " | ".join(_cell(row.get(c, ""), digits) for c in columns) + " |" for row in rows),
+    ]
+    return Markdown((f"**{caption}**\n\n" if caption else "") + "\n".join(lines))
+
+
 def colab_settings(
     mode_choice: str,
     use_drive: bool,

@@ -9,6 +9,11 @@
   the headless check) takes 8.43 px a character: 89 columns. That width is reached from a 1440 px wide window on;
   ``tests/book/test_rendered_book.py`` measures the overflow of every ``pre`` there. Narrower windows scroll.
 
+* **So does the code of the exercises.** A cell tagged ``hide-input`` sits in a collapsible frame a few pixels
+  narrower: :data:`MAX_HIDDEN_LINE`. A fenced code block in a markdown cell (a solution's code, in a numbered list
+  or an admonition) is indented by the list and padded by the admonition: each line, counted from its fence's own
+  indentation, has at most :data:`MAX_FENCED_LINE` characters.
+
 Lines over the limit that are not fixed yet are counted in :data:`PENDING` (per notebook, at most): a notebook may
 not get worse, and its entry goes down, then away, as its lines are reformatted.
 """
@@ -25,6 +30,8 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 NOTEBOOKS = sorted(BOOK.glob("*.ipynb"))
 
 MAX_CODE_LINE = 88
+MAX_HIDDEN_LINE = 87  # 88 columns overflowed the hide-input frame by 6 px
+MAX_FENCED_LINE = 78  # a list item takes 34 px, an admonition's padding and border some 60 px more
 # over-long code lines still allowed per notebook (first three code cells included); lower them as lines are fixed
 PENDING: dict[str, int] = {}
 
@@ -32,6 +39,7 @@ PENDING: dict[str, int] = {}
 BUILD_WORDS = re.compile(r"\bCI\b|(?i:\bglue(?:s|d|ing)?\b|\bsmoke\b|\bnbval\b|\bassert(?:s|ed|ing|ion|ions)?\b)")
 GLUE_ROLE = re.compile(r"\{glue(?::\w+)?\}`[^`]*`")
 FENCE = re.compile(r"^\s*(`{3,}|~{3,}|:{3,})(.*)$")
+CODE_FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})(.*)$")
 
 
 def prose(markdown: str) -> list[str]:
@@ -52,6 +60,29 @@ def prose(markdown: str) -> list[str]:
                 continue
         if all(is_prose for _, is_prose in stack):
             lines.append(GLUE_ROLE.sub("", line))
+    return lines
+
+
+def fenced_code(markdown: str) -> list[str]:
+    """The lines of the fenced code blocks of ``markdown`` (not of directives such as admonitions, whose content
+    is markdown and may hold code blocks), each with its fence's indentation removed."""
+    lines: list[str] = []
+    stack: list[tuple[str, int, bool]] = []  # open fences: (marker, indentation, whether a code block)
+    for line in markdown.splitlines():
+        match = CODE_FENCE.match(line)
+        in_code = bool(stack) and stack[-1][2]
+        if match:
+            indent, marker, rest = len(match.group(1)), match.group(2), match.group(3).strip()
+            closes = stack and not rest and marker[0] == stack[-1][0][0] and len(marker) >= len(stack[-1][0])
+            if closes:
+                stack.pop()
+                continue
+            if not in_code:  # an opening fence: a code block, or a directive ("{admonition}") holding markdown
+                stack.append((marker, indent, not rest.startswith("{")))
+                continue
+        if in_code:
+            indent = stack[-1][1]
+            lines.append(line[indent:] if line[:indent].isspace() else line.lstrip())
     return lines
 
 
@@ -98,6 +129,35 @@ def test_code_lines_fit_the_page(path):
     assert len(long) <= allowed, (
         f"{path.name}: {len(long)} code lines over {MAX_CODE_LINE} characters ({allowed} pending); "
         f"wrap them: {long[:8]}"
+    )
+
+
+def test_fenced_code_is_found():
+    text = "1. Run:\n\n   ```python\n   x = 1\n     y = 2\n   ```\n\n```{admonition} Solution\nprose\n```\n"
+    assert fenced_code(text) == ["x = 1", "  y = 2"]
+    assert fenced_code("````\n```\ninner\n```\n````\nafter") == ["```", "inner", "```"]
+    nested = "```{admonition} Solution\n:class: dropdown\n\nprose\n\n```python\ny = 2\n```\n```\nmore prose"
+    assert fenced_code(nested) == ["y = 2"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_exercise_code_fits_the_page(path):
+    hidden = [
+        (i, len(line), line[:40])
+        for i, c in enumerate(json.loads(path.read_text(encoding="utf-8"))["cells"])
+        if c["cell_type"] == "code" and "hide-input" in c.get("metadata", {}).get("tags", [])
+        for line in "".join(c["source"]).splitlines()
+        if len(line) > MAX_HIDDEN_LINE
+    ]
+    fenced = [
+        (i, len(line), line[:40])
+        for i, text in cells(path, "markdown")
+        for line in fenced_code(text)
+        if len(line) > MAX_FENCED_LINE
+    ]
+    assert not hidden, f"{path.name}: hide-input cells with lines over {MAX_HIDDEN_LINE} characters: {hidden}"
+    assert not fenced, (
+        f"{path.name}: {len(fenced)} lines of fenced code over {MAX_FENCED_LINE} characters; wrap them: {fenced[:8]}"
     )
 
 

@@ -49,3 +49,16 @@ def test_unknown_study_or_scale(tmp_path):
         study_results("table9", "quick", tmp_path)
     with pytest.raises(ConfigError, match="unknown scale"):
         study_results("z", "huge", tmp_path)
+
+
+def test_table_is_a_markdown_table_with_every_column():
+    from instdisc_lite.book import table
+
+    shown = table([{"arm": "a|b", "kNN": 81.234}, {"arm": "c", "probe": 2.5e7}], caption="Study").data
+    lines = shown.splitlines()
+    assert lines[0] == "**Study**"
+    assert lines[2] == "| arm | kNN | probe |"  # columns in order of first appearance, from every row
+    assert lines[3] == "|---|---|---|"
+    assert lines[4] == "| a\\|b | 81.23 |  |"  # a pipe in a value is escaped, a missing value left empty
+    assert lines[5] == "| c |  | 2.5e+07 |"
+    assert table([], caption="Study").data == "*Study: no rows*"
