@@ -44,6 +44,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -603,6 +604,16 @@ class TensorBatchLoader:
         for idx in self._batches():
             images = self.data[idx]
             yield (images.unsqueeze(1) if images.dim() == 3 else images), self.targets[idx], idx
+
+
+def equal_rank_batches(loader: Any) -> bool:
+    """Whether ``loader`` gives every rank the same number of images at every step: the package's training
+    loaders do (:class:`TensorBatchLoader` with ``shuffle`` and ``drop_last``, a DataLoader over
+    :class:`EpochBatchSampler`, both cut by :func:`rank_batches` with drop_last). Any other loader: False, and
+    gathers across ranks exchange their sizes first."""
+    if isinstance(loader, TensorBatchLoader):
+        return loader.shuffle and loader.drop_last
+    return isinstance(getattr(loader, "batch_sampler", None), EpochBatchSampler)
 
 
 def train_loader(

@@ -67,18 +67,47 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+_EQUAL_SIZES = False  # inside an active equal_sizes(): every rank gathers the same dim-0 size
+
+
+class equal_sizes:  # noqa: N801 (used like a function: ``with equal_sizes(): ...``)
+    """Declare that inside the block every rank passes tensors of the same dim-0 size to :func:`all_gather_varlen`.
+
+    Its exchange of sizes then is skipped: reading the other ranks' sizes on the host (``.item()``) would make a GPU
+    wait for the host at every step. The trainer enters it around each training step when its loader gives every
+    rank ``batch_size`` images a step (:func:`instdisc_lite.data.equal_rank_batches`). ``active=False`` changes
+    nothing. Reusable, and nests.
+    """
+
+    def __init__(self, active: bool = True) -> None:
+        self.active = active
+        self._previous: list[bool] = []
+
+    def __enter__(self) -> None:
+        global _EQUAL_SIZES
+        self._previous.append(_EQUAL_SIZES)
+        _EQUAL_SIZES = _EQUAL_SIZES or self.active
+
+    def __exit__(self, *exc: object) -> None:
+        global _EQUAL_SIZES
+        _EQUAL_SIZES = self._previous.pop()
+
+
 def all_gather_varlen(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate along dim 0, in rank order, tensors whose dim-0 size differs per rank; identity otherwise.
 
     ``tensor`` is ``(B_r, *rest)`` on rank r (``rest`` and dtype the same on every rank); the result is
     ``(sum_r B_r, *rest)`` on every rank, on ``tensor``'s device. ``dist.all_gather`` needs equal shapes,
     so the sizes are gathered first, every part is zero-padded to the largest and trimmed after.
-    Needed wherever the last batch of an epoch or a shard of a dataset is uneven across ranks.
+    Needed wherever the last batch of an epoch or a shard of a dataset is uneven across ranks. Gathering the sizes
+    reads them on the host; inside :func:`equal_sizes` (a training step) that read is skipped.
     """
     if not is_distributed():
         return tensor
     comm = collective_device()
     local = tensor.detach().contiguous().to(comm)
+    if _EQUAL_SIZES:  # equal sizes declared (equal_sizes): one collective, nothing read on the host
+        return all_gather_cat(local).to(tensor.device)
     size = torch.tensor([local.shape[0]], dtype=torch.long, device=comm)
     sizes = [torch.empty_like(size) for _ in range(world_size())]
     dist.all_gather(sizes, size)

@@ -40,7 +40,7 @@ from .checkpoint import (
     strip_wrapper_prefixes,
 )
 from .config import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides, save_config
-from .data import DataBundle, build_data, set_epoch
+from .data import DataBundle, build_data, equal_rank_batches, set_epoch
 from .evaluate import extract_features, gather_by_index, weighted_knn
 from .memory_bank import MemoryBank
 from .methods import METHODS, Method, build_method
@@ -364,6 +364,8 @@ def train_one_epoch(run: Run, check_every: int | None = None) -> dict[str, float
         leave=False,
         mininterval=1.0,
     )
+    # every rank holds batch_size images a step: gathers need not exchange sizes (no host read)
+    same_sizes = distributed.equal_sizes(equal_rank_batches(run.data.train_loader))
     for step, (images, _, indices) in enumerate(run.data.train_loader):
         if step >= steps:
             break
@@ -374,15 +376,16 @@ def train_one_epoch(run: Run, check_every: int | None = None) -> dict[str, float
             views = run.data.views(images, run.method.num_views)
         if run.device.type == "cuda" and cfg.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
+        with same_sizes, torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
             # the method's loss (InstDisc: encode, then NCE over the bank)
             loss = model(views, indices)
         opt.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(opt)
         run.scaler.update()
-        # the explicit no-grad step: InstDisc's bank update, MoCo's momentum + queue
-        run.method.after_step()
+        with same_sizes:
+            # the explicit no-grad step: InstDisc's bank update, MoCo's momentum + queue
+            run.method.after_step()
         total += loss.detach()
         count += 1
         unchecked.append(loss.detach())

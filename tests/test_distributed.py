@@ -130,6 +130,22 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         upd.update(*(b0, b1)[rank])
         out[f"bank_{name}"] = upd.memory.clone()
 
+    # inside equal_sizes (a training step) the gathers read nothing on the host; outside, each reads the sizes
+    reads: list[int] = []
+    item = torch.Tensor.item
+    torch.Tensor.item = lambda self: reads.append(1) or item(self)
+    try:
+        upd = MemoryBank(12, 4, momentum=0.5, generator=torch.Generator().manual_seed(7))
+        with distributed.equal_sizes():
+            upd.update(*batches[:2][rank])
+            out["varlen_equal"] = distributed.all_gather_varlen(torch.full((2, 1), float(rank)))
+        out["reads_equal"] = len(reads)
+        distributed.all_gather_varlen(torch.zeros(1, 1))
+        out["reads_varlen"] = len(reads) - out["reads_equal"]
+    finally:
+        torch.Tensor.item = item
+    out["bank_even_equal"] = upd.memory.clone()
+
     # sharded feature extraction, then a loader whose shards overlap (a padding sampler)
     enc, x, y, shards = _eval_problem()
     enc.train()
@@ -209,6 +225,46 @@ def test_bank_update_gathers_across_ranks(ranks, case):
     torch.testing.assert_close(r0[f"bank_{case}"], ref.memory, rtol=1e-6, atol=1e-6)
     untouched = sorted(set(range(12)) - set(torch.cat([i0, i1]).tolist()))
     assert torch.equal(r0[f"bank_{case}"][untouched], fresh[untouched])
+
+
+def test_equal_sizes_gathers_without_host_reads(ranks):
+    """Declared equal sizes (a training step): the same bank, one collective, no size read on the host."""
+    for r in ranks:
+        assert r["reads_equal"] == 0
+        assert r["reads_varlen"] == WORLD  # the uneven path reads every rank's size: the count can fail
+        assert torch.equal(r["bank_even_equal"], r["bank_even"])
+        assert torch.equal(r["varlen_equal"], torch.tensor([[0.0], [0.0], [1.0], [1.0]]))
+
+
+def test_training_steps_declare_equal_sizes(tmp_path, monkeypatch, fashion_mnist_available):
+    """The trainer's loaders give every rank batch_size images a step, so its steps skip the size exchange; the
+    evaluation after the epoch (uneven shards) does not."""
+    from instdisc_lite import build_run, load_config
+    from instdisc_lite.data import equal_rank_batches
+    from instdisc_lite.train import train_one_epoch
+
+    flags: list[bool] = []
+    gather = distributed.all_gather_varlen
+
+    def recording(tensor):
+        flags.append(distributed._EQUAL_SIZES)
+        return gather(tensor)
+
+    monkeypatch.setattr(distributed, "all_gather_varlen", recording)
+    config = load_config("fashion_mnist_quick", {
+        "data_root": str(tmp_path / "data"), "out_dir": str(tmp_path / "runs"), "train_subset": 64,
+        "eval_subset": 32, "batch_size": 16, "device": "cpu", "progress": False, "bank_init": "random",
+    })  # fmt: skip
+    run = build_run(config)
+    assert equal_rank_batches(run.data.train_loader)
+    assert not equal_rank_batches(run.data.test_loader)
+    train_one_epoch(run)
+    assert flags and all(flags), "bank updates in a training step must run under equal_sizes"
+    flags.clear()
+    with distributed.equal_sizes(False):
+        assert not distributed._EQUAL_SIZES
+    extract_features(run.encoder, run.data.test_loader, run.device, run.data.eval_transform, gather=True)
+    assert flags and not any(flags), "outside a training step the gathers exchange sizes"
 
 
 def test_sharded_extract_features_equals_one_process(ranks):
