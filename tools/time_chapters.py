@@ -24,8 +24,10 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["INSTDISC_BOOK_MODE"] = "quick"  # the kernels inherit this environment
     os.environ.pop("INSTDISC_BOOK_SMOKE", None)
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # a fresh runs directory: a run left by an earlier build would be reused and shorten the timing; chapters
+    # still share runs with each other in order, as they do for a reader (chapter 6 reuses chapter 5's)
+    runs_root = tempfile.mkdtemp(prefix="instdisc_chapter_runs_")
+    os.environ["INSTDISC_RUNS_DIR"] = runs_root
     cpu, commit = cpu_description(), git_commit()
     loadavg_start = os.getloadavg()
     existing = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {entry['wall_s']:.1f} s wall, {entry['own_cpu_s']:.1f} s CPU, other load "
               f"{entry['other_load_cores']:.2f} cores", flush=True)  # fmt: skip
 
+    shutil.rmtree(runs_root, ignore_errors=True)
     result = {
         "mode": "quick",
         "unit": "wall seconds to execute each notebook from scratch in a fresh kernel (cwd book/), quick mode",
@@ -167,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 "not_quiet": noisy,
             },
             "chapters_timed_by_this_command": [p.stem for p in paths],
+            "runs_dir": "a fresh temporary INSTDISC_RUNS_DIR: no run was reused from an earlier build",
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
