@@ -132,6 +132,10 @@ async (rawTex) => {
   // printouts wrap (book/_static/instdisc.css); code is written to fit (tests/test_book_prose.py)
   report.unwrapped = [...document.querySelectorAll('main .cell_output pre')]
       .filter(pre => getComputedStyle(pre).whiteSpace !== 'pre-wrap').length;
+  // a markdown table that a cell displayed but the page left as text (pipes and dashes in a paragraph)
+  report.rawTables = [...document.querySelectorAll('main .cell_output p')]
+      .filter(p => /^\s*\|.*\|\s*$/m.test(p.textContent) && /\|\s*[-\u2014\u2013:]+\s*\|/.test(p.textContent))
+      .map(p => p.textContent.trim().slice(0, 60));
   report.overflow = [...document.querySelectorAll('main pre')]
       .filter(pre => pre.scrollWidth > pre.clientWidth + 1)
       .map(pre => `${pre.scrollWidth - pre.clientWidth}px too wide: ${pre.textContent.trim().slice(0, 60)}`);
@@ -185,6 +189,7 @@ def test_page_renders_offline(browser, server, page_path):
     assert not report["errorOutputs"], f"{page_path}: a cell's output is an error"
     assert not report["stderr"], f"{page_path}: stderr output or warnings on the page: {report['stderr']}"
     assert not report["warningText"], f"{page_path}: warning text on the page: {report['warningText']}"
+    assert not report["rawTables"], f"{page_path}: tables shown as text: {report['rawTables']}"
     assert not report["unwrapped"], f"{page_path}: printouts that do not wrap (is book/_static/instdisc.css loaded?)"
     assert not report["overflow"], f"{page_path}: code or output blocks wider than the page: {report['overflow']}"
 
