@@ -134,7 +134,7 @@ async (rawTex) => {
       .filter(pre => getComputedStyle(pre).whiteSpace !== 'pre-wrap').length;
   // a markdown table that a cell displayed but the page left as text (pipes and dashes in a paragraph)
   report.rawTables = [...document.querySelectorAll('main .cell_output p')]
-      .filter(p => /^\s*\|.*\|\s*$/m.test(p.textContent) && /\|\s*[-\u2014\u2013:]+\s*\|/.test(p.textContent))
+      .filter(p => /^\\s*\\|.*\\|\\s*$/m.test(p.textContent) && /\\|\\s*[-\\u2014\\u2013:]+\\s*\\|/.test(p.textContent))
       .map(p => p.textContent.trim().slice(0, 60));
   report.overflow = [...document.querySelectorAll('main pre')]
       .filter(pre => pre.scrollWidth > pre.clientWidth + 1)
