@@ -279,7 +279,7 @@ def _cell(value: Any, digits: int) -> str:
 def table(rows: list[dict[str, Any]], digits: int = 2, caption: str | None = None) -> Any:
     """Show ``rows`` (one dict per row, its keys the columns) as a table: a long printout would wrap or run off
     the page. Floats get ``digits`` decimals. Returns an ``IPython.display.Markdown``, which the book renders as a
-    table and Colab shows as one; its plain text (a terminal) is the same pipe table.
+    table and Colab shows as one; outside a notebook its ``.data`` is the pipe table as text.
     """
     from IPython.display import Markdown
 
