@@ -111,16 +111,18 @@ FULL_TRAINING_EPOCHS = 35
 def training_run_config(mode: BookMode, out_dir: str | Path) -> TrainConfig:
     """The run chapter 5 trains and chapter 6 evaluates (the same config, so chapter 6 can reuse its checkpoint).
 
-    Quick mode: ``fashion_mnist_quick`` with half its epochs (15 over its 20,000 images; a few minutes on two cores),
-    long enough that chapter 6's learned features beat the raw pixels under kNN, which it checks, and the PCA of the
-    pixels, which it reports (6 epochs over 8,000 images were not). Full mode:
+    Quick mode: ``fashion_mnist_quick`` on its first 20,000 images for 15 epochs with the exact softmax (a few
+    minutes on two cores), long enough that chapter 6's learned features beat the raw pixels under kNN, which it
+    checks, and the PCA of the pixels, which it reports (6 epochs over 8,000 images were not). Full mode:
     ``cifar10_resnet18`` for :data:`FULL_TRAINING_EPOCHS` epochs (its lr steps at 60 % and 80 % of them).
     Paper mode: ``cifar10_resnet18`` as shipped, the paper's 200 epochs.
     """
     name = mode.pick(quick="fashion_mnist_quick", full="cifar10_resnet18")
     base = load_config(name)
     if mode.quick:
-        sizes = shortened(base, 20000, epochs=min(base.epochs, 15), eval_subset=2000)
+        # the exact softmax: over this short run (15 epochs of 20,000 images) it learned faster than the recipe's
+        # NCE (kNN on 2,000 test images: 83.3 % against 80.65 %, one run each)
+        sizes = shortened(base, 20000, epochs=min(base.epochs, 15), eval_subset=2000, objective="softmax")
     else:
         sizes = mode.pick(quick={}, full={"epochs": min(base.epochs, FULL_TRAINING_EPOCHS)}, paper={})
     overrides = {**mode.capped(sizes), "name": f"ch5_{base.dataset}", "out_dir": str(out_dir), "progress": False}

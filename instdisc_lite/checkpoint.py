@@ -16,7 +16,6 @@ import os
 import pickle
 import random
 import tempfile
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -140,7 +139,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} holds objects other than tensors and plain data, so it was not loaded (loading it could run "
             f"code: {first[:160]}). Use a checkpoint written by instdisc_lite, or start over with --overwrite."
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
+    except Exception as err:  # anything else a damaged file makes the unpickler raise (IndexError, KeyError, ...)
         raise CheckpointError(
             f"{path} is corrupt or truncated ({type(err).__name__}); delete it or start over with --overwrite "
             "(an interrupted save never leaves a partial checkpoint.pt, so this file was damaged afterwards)"

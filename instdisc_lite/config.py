@@ -98,6 +98,10 @@ class TrainConfig:
     prediction_steps: int = 2  # CPC: predict the rows 1..k below the context
     # optimisation: SGD with steps x lr_gamma at lr_milestones (fractions of the epochs: 120/200, 160/200)
     epochs: int = 200
+    # a budget in image passes instead of epochs: the run trains round(image_passes / training images) epochs (at
+    # least 1), so a small data set gets as much training as a large one (None: train ``epochs`` epochs). Setting
+    # epochs in a config that derives from one with image_passes, or in overrides, clears it (the later one wins).
+    image_passes: int | None = None
     batch_size: int = 128  # per process; W processes train with a global batch of W x batch_size
     lr: float = 0.03
     # the linear scaling rule (Goyal et al. 2017): the run uses lr x (global batch) / lr_batch, where the global
@@ -359,6 +363,7 @@ _RULES: dict[str, Check] = {
     "test_path": _optional_path,
     "image_size": _integer(1, optional=True),
     "train_subset": _OPTIONAL_POSITIVE_INT,
+    "image_passes": _OPTIONAL_POSITIVE_INT,
     "augment": _choice(lambda: AUGMENTS),
     "crop_scale": _real(0, 1, low_open=True),
     "flip": _boolean,
@@ -569,7 +574,24 @@ def read_config_values(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any
     if base_path.resolve() in seen or base_path.resolve() == path.resolve():
         chain = " -> ".join(str(p) for p in (*seen, path.resolve(), base_path.resolve()))
         raise ConfigError(f"config 'base' chain loops: {chain}")
-    return {**read_config_values(base_path, (*seen, path.resolve())), **values}
+    return with_overrides(read_config_values(base_path, (*seen, path.resolve())), values)
+
+
+def with_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``values`` updated by ``overrides``, where ``epochs`` and ``image_passes`` are two ways of saying how long
+    to train and the later one wins: overriding ``epochs`` alone drops an ``image_passes`` budget."""
+    merged = {**values, **overrides}
+    if "epochs" in overrides and "image_passes" not in overrides:
+        merged["image_passes"] = None
+    return merged
+
+
+def resolve_epochs(config: TrainConfig, num_train: int) -> TrainConfig:
+    """``config`` with ``epochs`` set from its ``image_passes`` budget for ``num_train`` training images
+    (unchanged when it has none): ``round(image_passes / num_train)``, at least 1."""
+    if config.image_passes is None:
+        return config
+    return dataclasses.replace(config, epochs=max(1, round(config.image_passes / num_train)))
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
@@ -578,7 +600,7 @@ def load_config(name_or_path: str | Path, overrides: list[str] | dict[str, Any] 
     values = read_config_values(path)
     values.setdefault("name", path.stem)
     extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    values.update(extra)
+    values = with_overrides(values, extra)
     return config_from_dict(values, source=str(path) + (" + overrides" if extra else ""))
 
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import uuid
@@ -139,6 +140,9 @@ def resume_changes(stored: dict[str, Any], config: TrainConfig, epochs_done: int
     every refused key) when a change would alter what the run trains. ``epochs`` may change only when the
     learning rate of every epoch already trained stays the same, and never below ``epochs_done``.
     """
+    if config.image_passes is not None and config.image_passes == stored.get("image_passes"):
+        # the same budget over the same images: the epochs the run resolved it to (they depend on the data)
+        config = dataclasses.replace(config, epochs=stored.get("epochs", config.epochs))
     new = config.to_dict()
     defaults = TrainConfig().to_dict()
     allowed, refused = [], []
@@ -147,7 +151,9 @@ def resume_changes(stored: dict[str, Any], config: TrainConfig, epochs_done: int
         if old == new[key] or key == "name":
             continue
         change = f"{key}: {_fmt(old)} -> {_fmt(new[key])}"
-        (allowed if key in RESUMABLE_CHANGES or key == "epochs" else refused).append(change)
+        # epochs may change (checked below); so may an image_passes budget give way to epochs set explicitly
+        extend = key == "epochs" or (key == "image_passes" and new[key] is None)
+        (allowed if key in RESUMABLE_CHANGES or extend else refused).append(change)
     if refused:
         raise ResumeMismatchError(
             f"cannot resume: the config changes what the checkpoint's run trains ({'; '.join(refused)}). "

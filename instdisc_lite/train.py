@@ -39,7 +39,16 @@ from .checkpoint import (
     set_rng_state,
     strip_wrapper_prefixes,
 )
-from .config import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides, save_config
+from .config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    resolve_epochs,
+    save_config,
+    with_overrides,
+)
 from .data import DataBundle, build_data, equal_rank_batches, set_epoch
 from .evaluate import extract_features, gather_by_index, weighted_knn
 from .memory_bank import MemoryBank
@@ -153,6 +162,7 @@ def build_run(config: TrainConfig, device: torch.device | None = None, init_bank
         raise ConfigError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
     torch.manual_seed(config.seed)
     data = build_data(config, device, num_views=METHODS[config.method].num_views)
+    config = resolve_epochs(config, data.num_train)  # an image_passes budget becomes epochs of this data
     normalisation = (data.mean, data.std) if data.mean else None
     method = build_method(config, data.num_train, data.in_channels, normalisation)
     if distributed.is_distributed() and config.sync_bn:
@@ -449,7 +459,7 @@ def _resolve_config(config: TrainConfig | str, overrides: list[str] | dict[str, 
     if isinstance(config, str | Path):
         return load_config(config, overrides)
     extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    return config_from_dict({**config.to_dict(), **extra})  # validates a config built in code, too
+    return config_from_dict(with_overrides(config.to_dict(), extra))  # validates a config built in code, too
 
 
 def _on_main(fn: Callable[[], Any]) -> Any:
@@ -539,7 +549,7 @@ def train(
                 f"interrupted during epoch {run.epoch + 1} of run {run_dir}. {_last_good(run)} "
                 "Continue with --resume (train(..., resume=True))."
             ) from None
-        if final_eval and run.epoch == config.epochs:
+        if final_eval and run.epoch == run.config.epochs:
             _finish(run)
         return run
     finally:

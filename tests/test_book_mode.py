@@ -17,6 +17,7 @@ from instdisc_lite.book import (
     FULL_TRAINING_EPOCHS,
     RUNS_DIR_ENV,
     SMOKE_CAP,
+    TRAIN_IMAGES,
     book_mode,
     colab_settings,
     expected_times,
@@ -105,9 +106,11 @@ def test_shortened_keeps_the_noise_ratio():
     base = load_config("cifar10_resnet18")  # all 50,000 images, m = 4096
     sizes = shortened(base, 5000, epochs=3)
     assert sizes == {"train_subset": 5000, "num_negatives": 410, "epochs": 3}
-    quick = load_config("fashion_mnist_quick")  # already a subset: the ratio is taken against it
-    sizes = shortened(quick, 2 * quick.train_subset)
-    assert sizes["train_subset"] == quick.train_subset and sizes["num_negatives"] == quick.num_negatives
+    subset = load_config("fashion_mnist_quick", ["train_subset=20000"])  # a subset: the ratio is taken against it
+    sizes = shortened(subset, 2 * subset.train_subset)
+    assert sizes["train_subset"] == subset.train_subset and sizes["num_negatives"] == subset.num_negatives
+    quick = load_config("fashion_mnist_quick")  # all 60,000 images
+    assert shortened(quick, 6000)["num_negatives"] == round(quick.num_negatives / 10)
     assert shortened(base, 1)["num_negatives"] == 1, "at least one noise sample"
 
 
@@ -115,7 +118,8 @@ def test_training_run_config_per_mode(monkeypatch, tmp_path):
     quick = training_run_config(book_mode("quick"), tmp_path)
     assert (quick.dataset, quick.out_dir, quick.progress) == ("fashion_mnist", str(tmp_path), False)
     quick_base = load_config("fashion_mnist_quick")
-    assert quick.train_subset <= quick_base.train_subset and quick.epochs < quick_base.epochs  # shortened
+    assert quick.train_subset < TRAIN_IMAGES["fashion_mnist"] and quick.epochs < quick_base.epochs  # shortened
+    assert quick.image_passes is None and quick_base.image_passes  # epochs set: the quick budget gives way
     shipped = load_config("cifar10_resnet18")
     paper = training_run_config(book_mode("paper"), tmp_path)
     assert (paper.dataset, paper.epochs, paper.train_subset, paper.num_negatives) == (

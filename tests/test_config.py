@@ -453,3 +453,27 @@ def test_base_key_builds_on_another_config_and_detects_loops(tmp_path):
     with pytest.raises(ConfigError, match="no shipped config named 'nonexistent'"):
         child.write_text("base: nonexistent\n")
         load_config(child)
+
+
+def test_image_passes_and_epochs_the_later_one_wins(tmp_path):
+    quick = load_config("fashion_mnist_quick")
+    assert quick.image_passes == 1_800_000
+    assert load_config("fashion_mnist_quick", ["epochs=5"]).image_passes is None  # epochs alone drop the budget
+    assert load_config("fashion_mnist_quick", {"epochs": 5, "image_passes": 1000}).image_passes == 1000
+    assert load_config("fashion_mnist_quick", ["lr=0.1"]).image_passes == 1_800_000  # other keys keep it
+    child = tmp_path / "child.yaml"
+    child.write_text("base: fashion_mnist_quick\nepochs: 7\n")
+    assert (load_config(child).image_passes, load_config(child).epochs) == (None, 7)
+    from instdisc_lite.train import _resolve_config  # a config built in code takes overrides the same way
+
+    assert _resolve_config(quick, {"epochs": 3}).image_passes is None
+    with pytest.raises(ConfigError, match="image_passes"):
+        load_config("fashion_mnist_quick", ["image_passes=0"])
+
+
+@pytest.mark.parametrize("images, epochs", [(60_000, 30), (8_000, 225), (12_000, 150), (7_000, 257), (10**8, 1)])
+def test_resolve_epochs_spends_the_budget_on_any_number_of_images(images, epochs):
+    resolved = config.resolve_epochs(load_config("fashion_mnist_quick"), images)
+    assert resolved.epochs == epochs and resolved.image_passes == 1_800_000
+    plain = load_config("fashion_mnist_quick", ["epochs=4"])
+    assert config.resolve_epochs(plain, images) is plain  # no budget: epochs as set

@@ -238,7 +238,7 @@ def test_rng_states_are_stored_as_tensors_and_plain_data(tmp_path, fashion_mnist
     assert set(rng) >= {"python", "numpy", "torch"} and torch.is_tensor(rng["numpy"]["keys"])
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not_a_checkpoint"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not_a_checkpoint", "stack_underflow"])
 def test_damaged_checkpoint_is_one_line(tmp_path, fashion_mnist_available, capsys, damage):
     values = fashion(tmp_path, epochs=2)
     run = train("fashion_mnist_quick", values, stop_after=1, final_eval=False)
@@ -250,6 +250,8 @@ def test_damaged_checkpoint_is_one_line(tmp_path, fashion_mnist_available, capsy
         ckpt.write_bytes(os.urandom(4096))
     elif damage == "empty":
         ckpt.write_bytes(b"")
+    elif damage == "stack_underflow":  # a pickle opcode with nothing to pop: the unpickler raises IndexError
+        ckpt.write_bytes(b"\x80\x02t.")
     else:
         torch.save({"weights": torch.zeros(3)}, ckpt)
     damaged = snapshot(run.run_dir)

@@ -12,6 +12,7 @@ import instdisc_lite
 from instdisc_lite import NCE, NonFiniteLossError, RunExistsError, build_run, load_config, train
 from instdisc_lite.checkpoint import atomic_save
 from instdisc_lite.evaluate import extract_features
+from instdisc_lite.run_dir import ResumeMismatchError
 from instdisc_lite.train import evaluate_final, learning_rate
 
 TIME_FIELDS = {"time", "elapsed"}
@@ -26,13 +27,13 @@ def quick(tmp_path, **overrides) -> dict:
         eval_subset=200,
         batch_size=64,
         max_steps_per_epoch=3,
-        objective="nce",  # these tests check NCE's Z too (the quick config itself trains with the softmax)
+        objective="nce",  # these tests check NCE's Z (as the quick config, here with per-image negatives)
         num_negatives=512,
         knn_k=20,
         eval_every=1,  # the kNN monitor every epoch (the quick config itself evaluates every 10)
         progress=False,
         device="cpu",
-        epochs=1,
+        epochs=1,  # and no image_passes budget: setting epochs clears the quick config's
     )
     values.update(overrides)
     return values
@@ -112,6 +113,27 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, fashion_mnist_ava
     assert json.loads((straight.run_dir / "results.json").read_text())["final_knn_top1"] == pytest.approx(
         json.loads((resumed.run_dir / "results.json").read_text())["final_knn_top1"]
     )
+
+
+def test_image_passes_budget_sets_the_epochs_for_the_data(tmp_path, fashion_mnist_available):
+    # 256 images, max_steps_per_epoch cut: a budget of 640 passes is round(640 / 256) = 2 full epochs of this data
+    values = quick(tmp_path, name="budget", image_passes=640)
+    del values["epochs"]
+    run = train("fashion_mnist_quick", values, stop_after=1)
+    assert (run.config.image_passes, run.config.epochs, run.epoch) == (640, 2, 1)
+    stored = (run.run_dir / "config.yaml").read_text()
+    assert "image_passes: 640" in stored and "epochs: 2" in stored
+    # resumed with the same budget: the epochs it came to on this data, not the YAML's 30
+    resumed = train("fashion_mnist_quick", values, resume=True)
+    assert (resumed.config.epochs, resumed.epoch) == (2, 2)
+    assert [row["epoch"] for row in read_metrics(resumed.run_dir)] == [1, 2]
+    assert (resumed.run_dir / "results.json").exists()  # the final evaluation ran: the budget was met
+    # epochs set explicitly on resume replace the budget (and extend the run)
+    longer = train("fashion_mnist_quick", quick(tmp_path, name="budget", epochs=3), resume=True)
+    assert (longer.config.image_passes, longer.epoch) == (None, 3)
+    # another budget is refused: its epochs could move the lr milestones of the epochs already trained
+    with pytest.raises(ResumeMismatchError, match="image_passes"):
+        train("fashion_mnist_quick", {**values, "image_passes": 5000}, resume=True)
 
 
 def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, fashion_mnist_available):

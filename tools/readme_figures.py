@@ -238,7 +238,13 @@ def other_data_section(results: Path) -> str:
         q = load(results, path.name)
         cfg, top1, knn = get(q, "config", where=path.name), get(q, "knn_top1", where=path.name), q["knn"]
         ignored = ("dataset", "data_path", "test_path", "name", "out_dir", "progress")
+        budget = shipped.get("image_passes")
+        cfg = {"image_passes": None, **cfg}  # results made before the key existed trained epochs as set
+        if budget and cfg["image_passes"] == budget:
+            ignored += ("epochs",)  # the shipped budget of image passes, resolved for this data
         changed = [f"{k}={v}" for k, v in cfg.items() if k not in ignored and shipped.get(k, v) != v]
+        if budget and cfg["image_passes"] != budget and f"epochs={cfg['epochs']}" not in changed:
+            changed.insert(0, f"epochs={cfg['epochs']}")  # epochs, not the budget, set its length
         rows.append([
             f"`{path.name}`",
             f"{knn['train_images']:,} / {knn['test_images']:,}",
