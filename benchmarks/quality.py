@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_s_train_and_eval": round(own1 - own0, 1),
         "others_cpu_cores_during_run": None if others is None else round(others, 2),
         "epochs": run.metrics,
-        "config": config.to_dict(),
+        "config": run.config.to_dict(),  # resolved: the epochs an image_passes budget came to
         "provenance": origin,
     }
     out = Path(args.out)

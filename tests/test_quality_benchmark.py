@@ -62,6 +62,18 @@ def test_own_npz_scored_against_its_pixels(quality, npz_pair, tmp_path, monkeypa
     assert 0 <= stored["knn_top1"]["learned"] <= 100
 
 
+def test_stored_config_holds_the_epochs_a_budget_came_to(quality, npz_pair, tmp_path, monkeypatch) -> None:
+    train, test, _ = npz_pair
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "q.json"
+    tiny = [t for t in TINY if not t.startswith("epochs=")]
+    overrides = ["dataset=npz", f"data_path={train}", f"test_path={test}", "train_subset=64", *tiny]
+    quality.main(["--set", *overrides, "image_passes=128", "--skip-baselines", "--out", str(out)])
+    stored = json.loads(out.read_text())
+    assert stored["config"]["image_passes"] == 128
+    assert stored["config"]["epochs"] == len(stored["epochs"]) == 2  # 128 passes of 64 images, not the YAML's 30
+
+
 def test_pixel_baselines_match_a_direct_computation(quality) -> None:
     rng = np.random.default_rng(1)
     y = torch.from_numpy(rng.integers(0, 3, 60))
