@@ -23,9 +23,10 @@ dot product with each; *dense* computes all ``B x n`` scores ``F V^T`` with one 
 (``embedding_bag``) without copying them. Both cost in proportion to B, so the batch size cancels: dense wins while
 n is at most about :data:`DENSE_SCORES_MAX_RATIO` times m (measured crossover, ``benchmarks/objectives.py``), e.g.
 CIFAR-10 (n = 50,000, m = 4096); ImageNet (n = 1.28 M) gathers. Shared negatives need neither: one ``(m, d)``
-gather and one ``B x m`` matrix product. On the CPU the ``B x m`` softplus terms of the loss are summed without
-torch's element-by-element ``log1p`` (:func:`softplus_sum`). Z stays on the device: the step never reads it on the
-host, so a GPU step does not wait for the loss before queueing the next kernels.
+gather and one ``B x m`` matrix product, and their term takes its gradient in the forward (:class:`_SharedNoiseTerm`),
+so no ``B x m`` tensor is kept for the backward. On the CPU the ``B x m`` softplus terms are summed in place, without
+a fresh ``B x m`` result (:func:`_softplus_sum_cpu`). Z stays on the device: the step never reads it on the host, so
+a GPU step does not wait for the loss before queueing the next kernels.
 """
 
 from __future__ import annotations
@@ -102,32 +103,43 @@ def weighted_row_sums(memory: torch.Tensor, rows: torch.Tensor, weights: torch.T
     return dense.scatter_add_(1, rows, weights) @ memory
 
 
-class _SoftplusSum(torch.autograd.Function):
-    """``sum(softplus(x))``, ``softplus(x) = log(1 + exp(x))``, as a scalar, for the CPU. Torch evaluates ``log1p``
-    there one element at a time (``F.softplus`` on a ``256 x 4096`` tensor takes several times the expression
-    below, vectorised), and every fresh tensor of that size costs page faults; so: no ``log1p``, the sum only
-    (no elementwise result), three temporaries, each op after them in place.
+def _softplus_sum_cpu(x: torch.Tensor, work: torch.Tensor, overwrite_x: bool = False) -> torch.Tensor:
+    """``sum(softplus(x))``, ``softplus(x) = log(1 + exp(x))``, as a scalar, on the CPU: every pass over the
+    ``B x m`` numbers in place, into ``work`` (same shape, overwritten) or, with ``overwrite_x``, into ``x``
+    itself; no elementwise result and no ``log1p``.
 
     ``softplus(x) = max(x, 0) + log1p(e)`` with ``e = exp(-|x|)`` in (0, 1] (no overflow), and
-    ``log1p(e) = log(u) - ((u - 1) - e)`` for ``u = 1 + e`` rounded: the second term is what the rounding of
-    ``1 + e`` added (exact in floating point), so tiny e keep their digits; dividing it by ``1 + e`` would change
-    the result by less than 6e-8 relative. Each term is as accurate as ``F.softplus``'s (within 2e-7 relative in
-    float32). The gradient is torch's, ``sigmoid(x)``.
+    ``log1p(e) = log(u) + (e - (u - 1))`` for ``u = 1 + e`` rounded: the second term is what the rounding of
+    ``1 + e`` lost, exact in floating point (``u - 1`` is exact), so tiny e keep their digits. It is summed as
+    ``sum(e) - sum(u - 1)``: both sums are at most ``sum(log1p(e)) / log 2``, so their rounding stays within a few
+    float32 epsilons of the result.
+
+    Why not ``F.softplus(x).sum()``: on the CPU it writes a fresh ``B x m`` result (page faults on every step)
+    and, on some CPUs, takes several times as long (``benchmarks/objectives.py`` times the NCE step that uses this).
     """
+    total = torch.clamp(x, min=0, out=work).sum()  # sum of max(x, 0)
+    e = (x.abs_() if overwrite_x else torch.abs(x, out=work)).neg_().exp_()
+    total = total + e.sum()
+    u = e.add_(1)
+    total = total - u.sub_(1).sum()  # u - 1, exactly: sum(e) - sum(u - 1) is what rounding 1 + e lost
+    return total + u.add_(1).log_().sum()
+
+
+class _SoftplusSum(torch.autograd.Function):
+    """``sum(softplus(x))`` for a large CPU tensor (:func:`_softplus_sum_cpu`), with torch's gradient
+    ``sigmoid(x)``, written into the forward's work buffer (a fresh ``B x m`` tensor costs page faults)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        e = x.abs().neg_().exp_()
-        u = e + 1
-        added = (u - 1).sub_(e)  # what rounding 1 + e added (or took away), computed exactly
-        terms = u.log_().sub_(added).add_(torch.clamp(x, min=0, out=e))
-        return terms.sum()
+        ctx.work = torch.empty_like(x)
+        return _softplus_sum_cpu(x, ctx.work)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        return torch.sigmoid(x).mul_(grad)
+        work, ctx.work = ctx.work, None
+        return torch.sigmoid(x, out=work).mul_(grad)
 
 
 def softplus_sum(x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +148,35 @@ def softplus_sum(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and x.numel() >= 2**15:
         return _SoftplusSum.apply(x)
     return F.softplus(x).sum()
+
+
+class _SharedNoiseTerm(torch.autograd.Function):
+    """``sum_{b,k} softplus(f_b . v_k - shift)``, the noise half of eq. 6 for shared noise rows ``v`` ``(m, d)``
+    and ``scaled`` features ``f`` ``(B, d)``, given their scores ``logits = f V^T`` ``(B, m)`` (computed without
+    autograd, so Z can be estimated from them first; overwritten here).
+
+    Its gradient ``d/df_b = sum_k sigmoid(f_b . v_k - shift) v_k`` is one ``(B, m) x (m, d)`` product, taken in the
+    forward while the sigmoids are at hand and kept as ``(B, d)``: nothing of size ``B x m`` outlives the forward,
+    and the whole term writes two ``B x m`` tensors (the scores and one work buffer) instead of five. ``shift``
+    (``log(Z m / n)``) takes no gradient: Z is a Monte-Carlo constant (module doc).
+    """
+
+    @staticmethod
+    def forward(ctx, scaled: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor, shift: torch.Tensor):
+        x = logits.sub_(shift)
+        if ctx.needs_input_grad[0]:
+            work = torch.sigmoid(x)
+            ctx.grad_scaled = work @ rows
+        else:
+            work = torch.empty_like(x)
+        if x.device.type == "cpu":
+            return _softplus_sum_cpu(x, work, overwrite_x=True)
+        return F.softplus(x).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        grad_scaled, ctx.grad_scaled = ctx.grad_scaled, None
+        return grad_scaled * grad, None, None, None
 
 
 class NCE(BankObjective):
@@ -285,14 +326,24 @@ class NCE(BankObjective):
             noise_indices = self.sample_noise(features.shape[0])
         scaled = features / self.temperature  # (B, d): divide d numbers per image, not m + 1 scores
         pos_logits = (scaled * self.bank.get(indices)).sum(dim=1)  # (B,)
-        noise_logits = self._scores(scaled, noise_indices)  # (B, m)
+        noise_indices = noise_indices.to(self.bank.memory.device)
+        shared = noise_indices.dim() == 1
+        if shared:  # scores without autograd: _SharedNoiseTerm takes its gradient itself
+            rows = self.bank.get(noise_indices)  # (m, d)
+            with torch.no_grad():
+                noise_logits = scaled @ rows.T  # (B, m)
+        else:
+            noise_logits = self._scores(scaled, noise_indices)  # (B, m)
         log_z = self._current_z(noise_logits).log().to(features.dtype)  # on the device: no host read
         # log(m P_n) with P_n = 1/n, and log P = score - log Z. In log space, -log h = softplus(log(Z m P_n) - score)
         # and -log(1 - h) = softplus(score - log(Z m P_n)): the values of eq. 5, without overflow when exp(score)
         # is huge, one shift and one softplus per score.
         shift = log_z + math.log(self.num_negatives / self.bank.num_items)
-        noise_logits = noise_logits.sub_(shift)  # in place (autograd allows it here): no second (B, m) tensor
-        return (softplus_sum(shift - pos_logits) + softplus_sum(noise_logits)) / features.shape[0]
+        if shared:
+            noise_term = _SharedNoiseTerm.apply(scaled, rows, noise_logits, shift)
+        else:  # in place (autograd allows it here): no second (B, m) tensor
+            noise_term = softplus_sum(noise_logits.sub_(shift))
+        return (softplus_sum(shift - pos_logits) + noise_term) / features.shape[0]
 
     def extra_repr(self) -> str:
         return (

@@ -169,12 +169,13 @@ def test_nce_sample_noise_shapes_and_range():
         assert len(torch.unique(noise)) > 40  # uniform over all rows, not a fixed subset
 
 
-def test_nce_gradient_does_not_flow_through_z_or_bank():
+@pytest.mark.parametrize("shared", [False, True], ids=["per_image", "shared"])
+def test_nce_gradient_does_not_flow_through_z_or_bank(shared):
     bank = make_bank(100, 8, seed=9)
-    nce = NCE(bank, num_negatives=16, temperature=0.1)
+    nce = NCE(bank, num_negatives=16, temperature=0.1, shared_negatives=shared)
     idx = torch.tensor([1, 2, 3])
     f = features_near(bank, idx, 0.5, seed=10).requires_grad_()
-    noise = torch.randint(100, (3, 16), generator=torch.Generator().manual_seed(0))
+    noise = torch.randint(100, (16,) if shared else (3, 16), generator=torch.Generator().manual_seed(0))
     loss = nce(f, idx, noise_indices=noise)
     loss.backward()
     # reference gradient with Z as a constant: differentiate the naive formula in float64 by autograd
@@ -182,12 +183,35 @@ def test_nce_gradient_does_not_flow_through_z_or_bank():
     fd = f.detach().double().requires_grad_()
     memory = bank.memory.double()
     p_pos = torch.exp((fd * memory[idx]).sum(1) / 0.1) / z
-    p_noise = torch.exp(torch.einsum("bkd,bd->bk", memory[noise], fd) / 0.1) / z
+    rows = memory[noise].expand(3, 16, 8) if shared else memory[noise]  # (B, m, d)
+    p_noise = torch.exp(torch.einsum("bkd,bd->bk", rows, fd) / 0.1) / z
     k = 16 / 100
     ref = (-torch.log(p_pos / (p_pos + k)) - torch.log(1 - p_noise / (p_noise + k)).sum(1)).mean()
     ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(f.grad.double(), fd.grad, rtol=1e-4, atol=1e-6)
     assert not bank.memory.requires_grad
+    with torch.no_grad():  # the shared term skips its gradient here, not its value
+        assert nce(f, idx, noise_indices=noise).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_shared_noise_gradient_is_that_of_the_computed_loss_even_if_the_bank_moves_before_the_backward():
+    """The shared term takes its gradient in the forward, from copies of the rows: a bank write between the
+    forward and the backward (the wrong order, but a possible one) changes nothing."""
+    bank = make_bank(120, 8, seed=11)
+    idx, noise = torch.tensor([4, 5]), torch.arange(20, 44)
+    f = features_near(bank, idx, 0.5, seed=12)
+    grads = []
+    for write_first in (False, True):
+        b = make_bank(120, 8, seed=11)
+        nce = NCE(b, num_negatives=24, temperature=0.1, shared_negatives=True)
+        x = f.clone().requires_grad_()
+        loss = nce(x, idx, noise_indices=noise)
+        if write_first:
+            b.update(torch.arange(0, 60), torch.randn(60, 8))
+        loss.backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
 
 
 # ------------------------------------------------------------------------------------------------
