@@ -87,6 +87,10 @@ def test_verdicts_are_computed_from_the_files(results):
     assert "on an idle machine, over the goal" in words(rf.render(results))
     edit(results / rf.QUALITY, lambda d: d.update(others_cpu_cores_during_run=0.0))
     assert "idle machine" not in rf.render(results)  # an idle run's wall time says it all
+    for speedup, verdict in ((60.0, "met"), (40.0, "not met")):
+        edit(results / rf.OBJECTIVES, lambda d, s=speedup: d["objectives"]["cases"]["nce_shared"].update(
+            speedup_loss_vs_official=s, speedup_goal=50.0))  # fmt: skip
+        assert f"NCE, shared negatives: {speedup:.1f}× (goal ≥ 50×, {verdict})" in words(rf.render(results))
     edit(results / rf.FIXED_Z, lambda d: d["summary"]["fixed"][-1].update(loss=0.0))
     assert "diverged" not in rf.render(results)
 

@@ -315,6 +315,18 @@ def objectives_section(o: dict[str, Any]) -> str:
             f"Whole step with `{cfg['arch']}` on {side}×{side} (encoder forward and backward, SGD step, bank "
             f"update), against the same encoder's {sbase.get('label', steps['baseline'])} step: {ratios}{bank}."
         )
+    reference = objectives.get("reference")
+    goals = [(k, c) for k, c in cases.items() if "speedup_goal" in c and "speedup_loss_vs_official" in c]
+    if reference in cases and goals:
+        verdicts = "; ".join(
+            f"{label_of(c.get('label', k))}: {c['speedup_loss_vs_official']:.1f}× (goal ≥ {c['speedup_goal']:g}×, "
+            f"{'met' if c['speedup_loss_vs_official'] >= c['speedup_goal'] else 'not met'})"
+            for k, c in goals
+        )
+        text.append(
+            "Against the official NCE layer (first row), forward + backward, official ms ÷ ours, on this "
+            f"{prov.get('cpu_model', 'CPU')} CPU: {verdicts}."
+        )
     per_image, shared = cases.get("nce_per_image"), cases.get("nce_shared")
     if per_image and shared and per_image.get("gather_bytes") and shared.get("gather_bytes"):
         share = shared["loss_ms"]["median"] / per_image["loss_ms"]["median"]
