@@ -133,6 +133,14 @@ def _fmt(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def keep_resolved_epochs(config: TrainConfig, stored: dict[str, Any]) -> TrainConfig:
+    """``config`` with the checkpoint's epochs when both carry the same ``image_passes`` budget: the run resolved it
+    to epochs of its data once, when it started, and a resume must not re-resolve it against other data."""
+    if config.image_passes is not None and config.image_passes == stored.get("image_passes"):
+        return dataclasses.replace(config, epochs=stored.get("epochs", config.epochs))
+    return config
+
+
 def resume_changes(stored: dict[str, Any], config: TrainConfig, epochs_done: int) -> list[str]:
     """Compare a checkpoint's config with the config of the resumed run.
 
@@ -140,9 +148,7 @@ def resume_changes(stored: dict[str, Any], config: TrainConfig, epochs_done: int
     every refused key) when a change would alter what the run trains. ``epochs`` may change only when the
     learning rate of every epoch already trained stays the same, and never below ``epochs_done``.
     """
-    if config.image_passes is not None and config.image_passes == stored.get("image_passes"):
-        # the same budget over the same images: the epochs the run resolved it to (they depend on the data)
-        config = dataclasses.replace(config, epochs=stored.get("epochs", config.epochs))
+    config = keep_resolved_epochs(config, stored)  # the same budget: the epochs the run resolved it to
     new = config.to_dict()
     defaults = TrainConfig().to_dict()
     allowed, refused = [], []

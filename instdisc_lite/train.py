@@ -60,6 +60,7 @@ from .run_dir import (
     RunLock,
     clear_for_overwrite,
     is_nonempty_dir,
+    keep_resolved_epochs,
     refuse_existing,
     remove_replaced,
     resume_changes,
@@ -148,11 +149,15 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torc
     )
 
 
-def build_run(config: TrainConfig, device: torch.device | None = None, init_bank: bool = True) -> Run:
+def build_run(
+    config: TrainConfig, device: torch.device | None = None, init_bank: bool = True, resolve_budget: bool = True
+) -> Run:
     """Seed, then build data, the method (encoder, bank, objective, ...) and the optimiser for ``config``.
 
     ``init_bank=False`` skips :meth:`Method.initialise` (InstDisc's ``bank_init: features`` is a pass over the whole
-    training set) when a checkpoint is about to replace the state anyway, as on resume.
+    training set) when a checkpoint is about to replace the state anyway, as on resume. An ``image_passes`` budget
+    becomes epochs of the data read here, unless ``resolve_budget=False``: a resumed or reloaded run keeps the
+    epochs it resolved when it started (its ``config.yaml``), whatever data it is given now.
     """
     device = device or distributed.init_from_env() or select_device(config.device)
     if distributed.is_distributed() and config.sync_bn and device.type != "cuda":  # before any data is read
@@ -162,7 +167,8 @@ def build_run(config: TrainConfig, device: torch.device | None = None, init_bank
         raise ConfigError(f"unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
     torch.manual_seed(config.seed)
     data = build_data(config, device, num_views=METHODS[config.method].num_views)
-    config = resolve_epochs(config, data.num_train)  # an image_passes budget becomes epochs of this data
+    if resolve_budget:
+        config = resolve_epochs(config, data.num_train)  # an image_passes budget becomes epochs of this data
     normalisation = (data.mean, data.std) if data.mean else None
     method = build_method(config, data.num_train, data.in_channels, normalisation)
     if distributed.is_distributed() and config.sync_bn:
@@ -279,7 +285,8 @@ def _load_module(module: nn.Module, state: dict[str, Any], what: str, path: Path
         detail = " ".join(str(err).split())[:300]
         raise CheckpointError(
             f"{path}: its {what} does not fit this run ({detail}); it was written with another config "
-            "(method, arch, low_dim, dataset, train_subset or objective) — resume with that config, or start over"
+            "(method, arch, low_dim, dataset, train_subset or objective) or on data of another size — resume with "
+            "that config and data, or start over"
         ) from err
 
 
@@ -537,8 +544,11 @@ def train(
     try:
         _on_main(lock.acquire)
         state = _on_main(lambda: _open_run_dir(run_dir, config, resume, overwrite))  # None except on rank 0
-        resuming = distributed.broadcast_object(state is not None)
-        run = build_run(config, device, init_bank=not resuming)
+        stored = distributed.broadcast_object(state["config"] if state else None)  # rank 0's checked checkpoint
+        resuming = stored is not None
+        if resuming:  # the budget was resolved once, when the run started: keep those epochs
+            config = keep_resolved_epochs(config, stored)
+        run = build_run(config, device, init_bank=not resuming, resolve_budget=not resuming)
         if resuming:  # the other ranks read the checkpoint that rank 0 has checked
             load_run_checkpoint(run, state=state or load_checkpoint(run_dir / "checkpoint.pt"))
         _on_main(lambda: _start_run_dir(run, clear=overwrite and not resuming))
@@ -628,7 +638,7 @@ def load_trained_run(
     extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     config = load_config(config_path, {**extra, "device": device})
     state = load_checkpoint(checkpoint_path)  # before the data is read: a bad file costs nothing
-    run = build_run(config, select_device(device), init_bank=False)
+    run = build_run(config, select_device(device), init_bank=False, resolve_budget=False)  # config.yaml's epochs
     load_run_checkpoint(run, checkpoint_path, state)
     return run
 

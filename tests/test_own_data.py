@@ -14,6 +14,7 @@ from PIL import Image
 
 from instdisc_lite import load_config, train
 from instdisc_lite.__main__ import main
+from instdisc_lite.checkpoint import CheckpointError
 from instdisc_lite.config import DATASETS, OWN_DATASETS
 from instdisc_lite.data import (
     OWN_DATA,
@@ -328,3 +329,23 @@ def test_cli_train_reports_a_missing_npz_in_one_line(tmp_path, capsys):
                  f"out_dir={tmp_path / 'runs'}", "device=cpu"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 2 and len(captured.err.splitlines()) == 1 and str(missing) in captured.err
+
+
+def test_a_resumed_budget_keeps_the_epochs_it_resolved_to_on_other_data(own, tmp_path):
+    """``image_passes`` is resolved once, when the run starts: a resume given data of another size (``data_path``
+    may move) keeps those epochs, and so its lr milestones. SimCLR holds nothing of the data's size, so only this
+    rule keeps the schedule; a bank run's checkpoint refuses other data outright, naming the cause."""
+    small = tmp_path / "half.npz"
+    with np.load(own["root"] / "gray.npz") as full:
+        np.savez(small, images=full["images"][: N // 2], labels=full["labels"][: N // 2])
+    values = dict(arch="small_cnn_fast", train_subset=None, batch_size=32, eval_every=100, out_dir=str(tmp_path),
+                  device="cpu", progress=False, dataset="npz", data_path=str(own["root"] / "gray.npz"),
+                  max_steps_per_epoch=1, image_passes=3 * N)  # fmt: skip
+    first = train("simclr_fashion_mnist_quick", {**values, "name": "simclr"}, stop_after=1, final_eval=False)
+    assert first.config.epochs == 3  # round(3 N / N)
+    resumed = train("simclr_fashion_mnist_quick", {**values, "name": "simclr", "data_path": str(small)},
+                    resume=True, stop_after=2, final_eval=False)  # fmt: skip
+    assert (resumed.config.epochs, resumed.epoch) == (3, 2)  # not round(3 N / (N / 2)) = 6
+    train("fashion_mnist_quick", {**values, "name": "bank"}, stop_after=1, final_eval=False)
+    with pytest.raises(CheckpointError, match="data of another size"):
+        train("fashion_mnist_quick", {**values, "name": "bank", "data_path": str(small)}, resume=True)
