@@ -278,6 +278,17 @@ def _cell(value: Any, digits: int) -> str:
     return str(value).replace("|", "\\|")
 
 
+def markdown_table(rows: list[dict[str, Any]], digits: int = 2) -> str:
+    """``rows`` (one dict per row, its keys the columns) as a pipe table; floats get ``digits`` decimals."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+        *("| " + " | ".join(_cell(row.get(c, ""), digits) for c in columns) + " |" for row in rows),
+    ]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]], digits: int = 2, caption: str | None = None) -> Any:
     """Show ``rows`` (one dict per row, its keys the columns) as a table: a long printout would wrap or run off
     the page. Floats get ``digits`` decimals. Returns an ``IPython.display.Markdown``, which the book renders as a
@@ -287,13 +298,7 @@ def table(rows: list[dict[str, Any]], digits: int = 2, caption: str | None = Non
 
     if not rows:
         return Markdown(f"*{caption}: no rows*" if caption else "*no rows*")
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
-        *("| " + " | ".join(_cell(row.get(c, ""), digits) for c in columns) + " |" for row in rows),
-    ]
-    return Markdown((f"**{caption}**\n\n" if caption else "") + "\n".join(lines))
+    return Markdown((f"**{caption}**\n\n" if caption else "") + markdown_table(rows, digits))
 
 
 def colab_settings(
@@ -367,11 +372,10 @@ class ExpectedTimes:
         return out
 
     def _repr_markdown_(self) -> str:
-        lines = ["| mode | expected run time of this chapter |", "| --- | --- |"]
-        for name, text in self.rows():
-            shown = f"**{name}** (this run)" if name == self.mode else name
-            lines.append(f"| {shown} | {text} |")
-        return "\n".join(lines)
+        return markdown_table([
+            {"mode": f"**{name}** (this run)" if name == self.mode else name, "expected run time of this chapter": text}
+            for name, text in self.rows()
+        ])  # fmt: skip
 
     def __str__(self) -> str:
         return "\n".join(f"{name:6s} {text}{' <- this run' if name == self.mode else ''}" for name, text in self.rows())

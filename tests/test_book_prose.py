@@ -38,50 +38,47 @@ PENDING: dict[str, int] = {}
 # Words about the build. "CI" only as a capitalised word; the others in any case, with their inflections.
 BUILD_WORDS = re.compile(r"\bCI\b|(?i:\bglue(?:s|d|ing)?\b|\bsmoke\b|\bnbval\b|\bassert(?:s|ed|ing|ion|ions)?\b)")
 GLUE_ROLE = re.compile(r"\{glue(?::\w+)?\}`[^`]*`")
-FENCE = re.compile(r"^\s*(`{3,}|~{3,}|:{3,})(.*)$")
-CODE_FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})(.*)$")
+FENCE = re.compile(r"^(\s*)(`{3,}|~{3,}|:{3,})(.*)$")
+
+
+def fenced_lines(markdown: str) -> list[tuple[str, list[tuple[str, int, str]]]]:
+    """Every line of ``markdown`` that is not a fence, with the fences open around it, outermost first: ``(marker,
+    indentation, kind)``, kind ``"code"`` (a code block), ``"glue"`` (a ``{glue}`` directive) or ``"directive"``
+    (any other, e.g. an admonition, whose content is markdown and may open fences of its own)."""
+    out: list[tuple[str, list[tuple[str, int, str]]]] = []
+    stack: list[tuple[str, int, str]] = []
+    for line in markdown.splitlines():
+        match = FENCE.match(line)
+        if match:
+            indent, marker, rest = len(match.group(1)), match.group(2), match.group(3).strip()
+            if stack and not rest and marker[0] == stack[-1][0][0] and len(marker) >= len(stack[-1][0]):
+                stack.pop()  # a closing fence
+                continue
+            if not stack or stack[-1][2] == "directive":  # an opening fence, where fences open
+                kind = "glue" if rest.startswith("{glue") else "directive" if rest.startswith("{") else "code"
+                stack.append((marker, indent, "directive" if marker[0] == ":" else kind))
+                continue
+        out.append((line, list(stack)))
+    return out
 
 
 def prose(markdown: str) -> list[str]:
     """The lines of a markdown cell a reader reads as prose: glue roles removed; the content of fenced code blocks
     and of ``{glue}`` directives dropped, that of other directives (admonitions: exercise solutions) kept."""
-    lines: list[str] = []
-    stack: list[tuple[str, bool]] = []  # open fences: (marker, whether their content is prose)
-    for line in markdown.splitlines():
-        match = FENCE.match(line)
-        if match:
-            marker, rest = match.groups()
-            if stack and not rest.strip() and marker[0] == stack[-1][0][0] and len(marker) >= len(stack[-1][0]):
-                stack.pop()  # a closing fence
-                continue
-            if not stack or stack[-1][1]:  # an opening fence where fences open: a directive or a code block
-                directive = rest.strip().startswith("{")
-                stack.append((marker, directive and not rest.strip().startswith("{glue")))
-                continue
-        if all(is_prose for _, is_prose in stack):
-            lines.append(GLUE_ROLE.sub("", line))
-    return lines
+    return [
+        GLUE_ROLE.sub("", line)
+        for line, fences in fenced_lines(markdown)
+        if all(kind == "directive" for _, _, kind in fences)
+    ]
 
 
 def fenced_code(markdown: str) -> list[str]:
     """The lines of the fenced code blocks of ``markdown`` (not of directives such as admonitions, whose content
     is markdown and may hold code blocks), each with its fence's indentation removed."""
-    lines: list[str] = []
-    stack: list[tuple[str, int, bool]] = []  # open fences: (marker, indentation, whether a code block)
-    for line in markdown.splitlines():
-        match = CODE_FENCE.match(line)
-        in_code = bool(stack) and stack[-1][2]
-        if match:
-            indent, marker, rest = len(match.group(1)), match.group(2), match.group(3).strip()
-            closes = stack and not rest and marker[0] == stack[-1][0][0] and len(marker) >= len(stack[-1][0])
-            if closes:
-                stack.pop()
-                continue
-            if not in_code:  # an opening fence: a code block, or a directive ("{admonition}") holding markdown
-                stack.append((marker, indent, not rest.startswith("{")))
-                continue
-        if in_code:
-            indent = stack[-1][1]
+    lines = []
+    for line, fences in fenced_lines(markdown):
+        if fences and fences[-1][2] == "code":
+            indent = fences[-1][1]
             lines.append(line[indent:] if line[:indent].isspace() else line.lstrip())
     return lines
 
