@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         del entry["error"]
         entry["quiet"] = entry["other_load_cores"] <= args.max_other_load
-        entry.update(cpu_cores=cpu["cores"], date=_now(), commit=commit["commit"])
+        entry.update(cpu_cores=cpu["cores"], cpu_model=cpu["model"], date=_now(), commit=commit["commit"])
         chapters[path.stem] = entry
         measured.append(entry)
         if not entry["quiet"]:
