@@ -37,6 +37,7 @@ from ..nce import NCE
 from ..nonparametric import NonParametricSoftmax
 from ..views import BandSplit, LabSplit, build_view_split
 from .base import Method, full_precision
+from .instdisc import build_objective
 
 CROSS_VIEW_OBJECTIVES = ("nce", "softmax")
 
@@ -125,18 +126,7 @@ class CMC(Method):
         self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _objective(self, bank: MemoryBank) -> NCE | NonParametricSoftmax:
-        c = self.config
-        if c.objective == "softmax":
-            return NonParametricSoftmax(bank, temperature=c.temperature, proximal=c.proximal)
-        return NCE(
-            bank,
-            num_negatives=c.num_negatives,
-            temperature=c.temperature,
-            z_mode=c.z_mode,
-            z_momentum=c.z_momentum,
-            shared_negatives=c.shared_negatives,
-            proximal=c.proximal,
-        )
+        return build_objective(self.config, bank)  # InstDisc's NCE or exact softmax (checked above), over ``bank``
 
     def forward(
         self,
