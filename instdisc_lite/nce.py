@@ -46,10 +46,11 @@ SCORINGS = ("auto", "dense", "gather")
 # Per-image noise: score densely (all B x n, then pick) while n <= this x m, else gather the B x m rows. Both cost
 # ~B x (rows scored): dense scores n rows per image at matrix-product speed, gather m rows at memory speed, so the
 # crossover is a ratio m/n, whatever B. Measured on 2 AMD EPYC cores (fp32, d = 128, loss forward + backward,
-# ``python benchmarks/objectives.py --parts crossover``, results/objectives_cpu.json): equal cost at m/n = 0.0105
+# ``python benchmarks/objectives.py --parts crossover``, an earlier objectives_cpu.json): equal cost at m/n = 0.0105
 # for n = 50,000, B = 256 (gather/dense 0.93 at m/n = 0.01, 2.9 at 0.02, 8.7 at CIFAR-10's 0.08); m/n = 0.008-0.01
-# in a sweep at B = 64 and 256, n = 50,000 and 200,000, on one thread. Dense then also holds less memory than
-# gather (B n floats against B m d, as long as d >= 100).
+# in a sweep at B = 64 and 256, n = 50,000 and 200,000, on one thread. On 2 Intel Xeon cores (the committed
+# results/objectives_cpu.json): m/n = 0.0097, gather/dense 1.05 at 0.01, 5.2 at 0.08. Dense then also holds less
+# memory than gather (B n floats against B m d, as long as d >= 100).
 DENSE_SCORES_MAX_RATIO = 100
 
 
