@@ -23,7 +23,7 @@ dot product with each; *dense* computes all ``B x n`` scores ``F V^T`` with one 
 (``embedding_bag``) without copying them. Both cost in proportion to B, so the batch size cancels: dense wins while
 n is at most about :data:`DENSE_SCORES_MAX_RATIO` times m (measured crossover, ``benchmarks/objectives.py``), e.g.
 CIFAR-10 (n = 50,000, m = 4096); ImageNet (n = 1.28 M) gathers. Shared negatives need neither: one ``(m, d)``
-gather and one ``B x m`` matrix product, and their term takes its gradient in the forward (:class:`_SharedNoiseTerm`),
+gather and one ``B x m`` matrix product, and their term takes its gradient in the forward (:func:`shared_noise_term`),
 so no ``B x m`` tensor is kept for the backward. On the CPU the ``B x m`` softplus terms are summed in place, without
 a fresh ``B x m`` result (:func:`_softplus_sum_cpu`). Z stays on the device: the step never reads it on the host, so
 a GPU step does not wait for the loss before queueing the next kernels.
@@ -119,7 +119,8 @@ def _softplus_sum_cpu(x: torch.Tensor, work: torch.Tensor, overwrite_x: bool = F
     and, on some CPUs, takes several times as long (``benchmarks/objectives.py`` times the NCE step that uses this).
     """
     total = torch.clamp(x, min=0, out=work).sum()  # sum of max(x, 0)
-    e = (x.abs_() if overwrite_x else torch.abs(x, out=work)).neg_().exp_()
+    # -|x| = x - 2 max(x, 0), exactly (doubling is exact): one pass instead of abs and neg
+    e = (x.sub_(work, alpha=2) if overwrite_x else torch.sub(x, work, alpha=2, out=work)).exp_()
     total = total + e.sum()
     u = e.add_(1)
     total = total - u.sub_(1).sum()  # u - 1, exactly: sum(e) - sum(u - 1) is what rounding 1 + e lost
@@ -127,20 +128,17 @@ def _softplus_sum_cpu(x: torch.Tensor, work: torch.Tensor, overwrite_x: bool = F
 
 
 class _SoftplusSum(torch.autograd.Function):
-    """``sum(softplus(x))`` for a large CPU tensor (:func:`_softplus_sum_cpu`), with torch's gradient
-    ``sigmoid(x)``, written into the forward's work buffer (a fresh ``B x m`` tensor costs page faults)."""
+    """``sum(softplus(x))`` for a large CPU tensor (:func:`_softplus_sum_cpu`), with torch's gradient ``sigmoid(x)``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        ctx.work = torch.empty_like(x)
-        return _softplus_sum_cpu(x, ctx.work)
+        return _softplus_sum_cpu(x, torch.empty_like(x))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        work, ctx.work = ctx.work, None
-        return torch.sigmoid(x, out=work).mul_(grad)
+        return torch.sigmoid(x).mul_(grad)
 
 
 def softplus_sum(x: torch.Tensor) -> torch.Tensor:
@@ -151,33 +149,31 @@ def softplus_sum(x: torch.Tensor) -> torch.Tensor:
     return F.softplus(x).sum()
 
 
-class _SharedNoiseTerm(torch.autograd.Function):
-    """``sum_{b,k} softplus(f_b . v_k - shift)``, the noise half of eq. 6 for shared noise rows ``v`` ``(m, d)``
-    and ``scaled`` features ``f`` ``(B, d)``, given their scores ``logits = f V^T`` ``(B, m)`` (computed without
-    autograd, so Z can be estimated from them first; overwritten here).
+def shared_noise_term(scaled: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``sum_{b,k} softplus(x_bk)``, the noise half of eq. 6 for noise rows ``v`` ``(m, d)`` shared by the batch,
+    given ``logits`` ``x = scaled v^T - log(Z m / n)`` ``(B, m)``, computed without autograd (and overwritten here).
 
-    Its gradient ``d/df_b = sum_k sigmoid(f_b . v_k - shift) v_k`` is one ``(B, m) x (m, d)`` product, taken in the
-    forward while the sigmoids are at hand and kept as ``(B, d)``: nothing of size ``B x m`` outlives the forward,
-    and the whole term writes two ``B x m`` tensors (the scores and one work buffer) instead of five. ``shift``
-    (``log(Z m / n)``) takes no gradient: Z is a Monte-Carlo constant (module doc).
+    Its gradient with respect to ``scaled`` ``(B, d)`` is ``sum_k sigmoid(x_bk) v_k``: one ``(B, m) x (m, d)``
+    product, taken here while the sigmoids are at hand, and attached to the value as
+    ``((scaled - scaled.detach()) * grad).sum()``, a term that is exactly 0 and has exactly that gradient. So
+    nothing of size ``B x m`` is kept for the backward, and a step writes two ``B x m`` tensors (the scores and one
+    work buffer) instead of five. Z takes no gradient: it is a Monte-Carlo constant (module doc).
     """
-
-    @staticmethod
-    def forward(ctx, scaled: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor, shift: torch.Tensor):
-        x = logits.sub_(shift)
-        if ctx.needs_input_grad[0]:
-            work = torch.sigmoid(x)
-            ctx.grad_scaled = work @ rows
+    wants_grad = scaled.requires_grad and torch.is_grad_enabled()
+    with torch.no_grad():
+        grad = None
+        if wants_grad:
+            work = torch.sigmoid(logits)
+            grad = work @ rows  # (B, d)
         else:
-            work = torch.empty_like(x)
-        if x.device.type == "cpu":
-            return _softplus_sum_cpu(x, work, overwrite_x=True)
-        return F.softplus(x).sum()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        grad_scaled, ctx.grad_scaled = ctx.grad_scaled, None
-        return grad_scaled * grad, None, None, None
+            work = torch.empty_like(logits)
+        if logits.device.type == "cpu":
+            total = _softplus_sum_cpu(logits, work, overwrite_x=True)
+        else:
+            total = F.softplus(logits).sum()
+    if grad is None:
+        return total
+    return total + ((scaled - scaled.detach()) * grad).sum()
 
 
 class NCE(BankObjective):
@@ -329,7 +325,7 @@ class NCE(BankObjective):
         pos_logits = (scaled * self.bank.get(indices)).sum(dim=1)  # (B,)
         noise_indices = noise_indices.to(self.bank.memory.device)
         shared = noise_indices.dim() == 1
-        if shared:  # scores without autograd: _SharedNoiseTerm takes its gradient itself
+        if shared:  # scores without autograd: shared_noise_term attaches their gradient itself
             rows = self.bank.get(noise_indices)  # (m, d)
             with torch.no_grad():
                 noise_logits = scaled @ rows.T  # (B, m)
@@ -341,7 +337,7 @@ class NCE(BankObjective):
         # is huge, one shift and one softplus per score.
         shift = log_z + math.log(self.num_negatives / self.bank.num_items)
         if shared:
-            noise_term = _SharedNoiseTerm.apply(scaled, rows, noise_logits, shift)
+            noise_term = shared_noise_term(scaled, rows, noise_logits.sub_(shift))
         else:  # in place (autograd allows it here): no second (B, m) tensor
             noise_term = softplus_sum(noise_logits.sub_(shift))
         return (softplus_sum(shift - pos_logits) + noise_term) / features.shape[0]
