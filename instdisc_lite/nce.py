@@ -116,8 +116,9 @@ def _softplus_sum_cpu(x: torch.Tensor, work: torch.Tensor, overwrite_x: bool = F
     float32 epsilons of the result.
 
     Why not ``F.softplus(x).sum()``: it writes a fresh ``B x m`` result (page faults on every step), and its speed
-    depends on the CPU: on a 256 x 4096 tensor it took several times as long as this on 2 AMD EPYC cores, and about as
-    long (0.89 ms both) on 2 AVX-512 Intel Xeon cores. ``benchmarks/objectives.py`` times the NCE step that uses this.
+    depends on the CPU: on a 256 x 4096 tensor it took several times as long as an earlier version of this on 2 AMD
+    EPYC cores, and as long as this (0.89 ms both) on 2 AVX-512 Intel Xeon cores. ``benchmarks/objectives.py``
+    times the NCE step that uses this.
     """
     total = torch.clamp(x, min=0, out=work).sum()  # sum of max(x, 0)
     # -|x| = x - 2 max(x, 0), exactly (doubling is exact): one pass instead of abs and neg
